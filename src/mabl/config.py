@@ -1,0 +1,328 @@
+"""Typed, separate configs for the world model, the MARL algorithm and the run.
+
+Presets carry the paper's Tables 2-4 by name (``paper`` picks the column for the
+env's suite and the learning rates for the map). Every config rejects unknown
+keys and wrong types with one line naming the key and what is accepted.
+"""
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mabl.errors import ConfigError, one_of
+
+
+@dataclass
+class WorldModelConfig:
+    """Bi-level world model (paper §3.1-3.2, Table 2, Table 4 'Model')."""
+
+    hidden: int = 256  # MLP hidden size of every component (Table 2 'Hidden layer size')
+    layers: int = 2  # hidden layers per MLP (Table 2)
+    deter: int = 256  # size of h^g and h^a (GRU state)
+    embed: int = 256  # observation / state embedding size
+    n_categoricals: int = 32  # Table 2, local & global
+    n_classes: int = 32
+    kl_balance: float = 0.8  # weight on the prior side (Table 2 'cross entropy weight'); 1-x on the posterior
+    kl_scale: float = 1.0 / 32  # the authors' code averages the KL over the 32 categoricals
+    lr: float = 3e-4
+    grad_clip: float = 100.0
+    batch_size: int = 40  # Table 2 'Number of sampled rollouts'
+    seq_len: int = 20  # Table 2 'Sequence length'
+    train_steps: int = 60  # Table 2 'Number of epochs': model updates after every episode
+    capacity: int = 250_000  # Table 2 'Buffer Size' (env steps)
+    bilevel: bool = True  # False: the Dreamer-v2 ablation (no global level, agent prior only)
+    single_global: bool = False  # True: MABL-SG ablation (one shared global latent for all agents)
+    obs_loss: str = "mse"  # "mse" (Gaussian log-likelihood) or "smooth_l1"
+
+
+@dataclass
+class PPOConfig:
+    """MAPPO in imagination (paper §3.3, Table 3, Table 4 'Actor'/'Critic')."""
+
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    hidden: int = 256
+    layers: int = 2
+    horizon: int = 15  # Table 2 'Rollout Horizon'
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    entropy: float = 0.001
+    entropy_annealing: float = 0.99998
+    updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
+    epochs: int = 5  # Table 3 'Epochs per update'
+    minibatch: int = 2000  # Table 3 'Batch size' (imagined joint states per gradient step)
+    grad_clip: float = 100.0
+    critic_input: str = "global+agent"  # "global+agent" | "global" (Flatland, App. B.1) | "agent"
+    attention_heads: int = 4
+    normalize_advantage: bool = True
+    team_reward: bool = True  # average the per-agent predicted rewards into one team reward
+    imagine_batch: int = 40  # sequences drawn from the buffer for one imagination round
+    imagine_seq_len: int = 20
+
+
+@dataclass
+class RunConfig:
+    """Everything about the run that is not a network: budget, logging, speed switches."""
+
+    env: str = "smax:3m"
+    steps: int = 50_000  # real env steps
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    min_buffer: int = 500  # env steps collected before learning starts
+    train_every: int = 1  # episodes between learner updates (Table 2 'Trajectories between updates')
+    eval_every: int = 5_000  # env steps between evaluations
+    eval_episodes: int = 10
+    checkpoint_every: int = 10_000
+    keep_checkpoints: int = 3
+    log_every: int = 1  # episodes between metric rows
+    run_dir: str = ""  # default runs/<env>/<preset>/seed<seed>
+    bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights)
+    compile: bool = False  # torch.compile the hot functions (first compile costs minutes)
+    threads: int = 0  # torch intra-op threads (0: torch default)
+    skip_nonfinite: bool = False  # skip a batch with non-finite loss/grad instead of stopping
+    progress: bool = True
+    env_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = "fast"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS = {"model": WorldModelConfig, "ppo": PPOConfig, "run": RunConfig}
+
+# ----------------------------------------------------------------------------------------------
+# Presets: the paper's Tables 2-4 by name.
+
+# Table 2 / Table 3 columns.
+_SUITE_TABLES: dict[str, dict[str, dict[str, Any]]] = {
+    "smax": {"model": dict(train_steps=60, batch_size=40, seq_len=20, capacity=250_000, hidden=256, deter=256, embed=256),
+             "ppo": dict(hidden=256, critic_input="global+agent")},
+    "mamujoco": {"model": dict(train_steps=60, batch_size=40, seq_len=20, capacity=250_000, hidden=256, deter=256, embed=256),
+                 "ppo": dict(hidden=256, critic_input="global+agent")},
+    "flatland": {"model": dict(train_steps=40, batch_size=32, seq_len=50, capacity=500_000, hidden=400, deter=400, embed=400),
+                 "ppo": dict(hidden=400, critic_input="global", imagine_batch=32, imagine_seq_len=50)},
+}
+
+# Table 4: (actor, critic, model) learning rates per task; SMAC maps map onto our SMAX names.
+_LEARNING_RATES: dict[str, tuple[float, float, float]] = {
+    "flatland:5_agents": (5e-4, 5e-4, 2e-4),
+    "flatland:10_agents": (5e-4, 5e-4, 2e-4),
+    "mamujoco:Humanoid-9|8": (3e-4, 1e-5, 1e-5),
+    "mamujoco:HumanoidStandup-9|8": (3e-4, 0.5e-5, 0.5e-5),
+    "smax:3s_vs_4z": (1e-4, 1e-3, 3e-4),
+    "smax:3s_vs_5z": (1e-4, 1e-3, 5e-4),
+    "smax:6z_vs_24zg": (1e-4, 1e-3, 3e-4),
+    "smax:3s5z_vs_3s6z": (1e-4, 1e-3, 3e-4),
+}
+_DEFAULT_LR = {"smax": (1e-4, 1e-3, 3e-4), "flatland": (5e-4, 5e-4, 2e-4), "mamujoco": (3e-4, 1e-5, 1e-5)}
+
+# The cheaper default: same architecture and losses, lower replay ratio (documented in README).
+_FAST = {"model": dict(train_steps=10, batch_size=16, seq_len=20), "ppo": dict(updates=1, epochs=4, imagine_batch=16)}
+# For tests: tiny networks, a few updates.
+_TINY = {
+    "model": dict(hidden=32, deter=32, embed=32, n_categoricals=4, n_classes=4, train_steps=2, batch_size=4, seq_len=8),
+    "ppo": dict(hidden=32, updates=1, epochs=1, minibatch=64, imagine_batch=4, imagine_seq_len=8, horizon=5),
+    "run": dict(min_buffer=20, eval_every=10**9, eval_episodes=2, checkpoint_every=10**9, progress=False),
+}
+
+PRESETS = ("paper", "fast", "tiny")
+
+
+def _suite(env: str) -> str:
+    return env.split(":", 1)[0] if ":" in env else env
+
+
+def preset_overrides(preset: str, env: str) -> dict[str, dict[str, Any]]:
+    """The section overrides a preset applies for ``env`` (before user overrides)."""
+    if preset not in PRESETS:
+        raise one_of("preset", preset, PRESETS)
+    suite = _suite(env)
+    out: dict[str, dict[str, Any]] = {"model": {}, "ppo": {}, "run": {}}
+    table = _SUITE_TABLES.get(suite, _SUITE_TABLES["smax"])
+    for sec in ("model", "ppo"):
+        out[sec].update(table[sec])
+    actor_lr, critic_lr, model_lr = _LEARNING_RATES.get(env, _DEFAULT_LR.get(suite, _DEFAULT_LR["smax"]))
+    out["ppo"].update(actor_lr=actor_lr, critic_lr=critic_lr)
+    out["model"]["lr"] = model_lr
+    if preset == "fast":
+        for sec, vals in _FAST.items():
+            out[sec].update(vals)
+    elif preset == "tiny":
+        for sec, vals in _TINY.items():
+            out[sec].update(vals)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict construction from dicts / CLI overrides.
+
+def _check_type(section: str, name: str, value: Any, typ: Any) -> Any:
+    where = f"{section}.{name}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {where} must be a bool (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {where} must be an int, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {where} must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {where} must be a string, got {value!r}")
+    if typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"config key {where} must be a mapping, got {value!r}")
+    return value
+
+
+def _build_section(section: str, cls, values: dict[str, Any]):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in hints:
+            raise one_of(f"config key in '{section}':", k, names)
+        kwargs[k] = _check_type(section, k, v, hints[k])
+    return cls(**kwargs)
+
+
+_CHOICES = {
+    ("model", "obs_loss"): ("mse", "smooth_l1"),
+    ("ppo", "critic_input"): ("global+agent", "global", "agent"),
+}
+_POSITIVE = {
+    "model": ("hidden", "layers", "deter", "embed", "n_categoricals", "n_classes", "batch_size", "seq_len", "capacity"),
+    "ppo": ("hidden", "layers", "horizon", "updates", "epochs", "minibatch", "imagine_batch", "imagine_seq_len", "attention_heads"),
+    "run": ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "train_every"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    for (sec, key), allowed in _CHOICES.items():
+        val = getattr(getattr(cfg, sec), key)
+        if val not in allowed:
+            raise one_of(f"value for {sec}.{key}:", val, allowed)
+    for sec, keys in _POSITIVE.items():
+        for key in keys:
+            val = getattr(getattr(cfg, sec), key)
+            if val <= 0:
+                raise ConfigError(f"config key {sec}.{key} must be > 0, got {val!r}")
+    for sec, key in (("model", "kl_balance"), ("ppo", "gamma"), ("ppo", "gae_lambda")):
+        val = getattr(getattr(cfg, sec), key)
+        if not 0.0 <= val <= 1.0:
+            raise ConfigError(f"config key {sec}.{key} must be in [0, 1], got {val!r}")
+    if cfg.ppo.hidden % cfg.ppo.attention_heads:
+        raise ConfigError(f"ppo.hidden ({cfg.ppo.hidden}) must be divisible by ppo.attention_heads ({cfg.ppo.attention_heads})")
+    if cfg.model.single_global and not cfg.model.bilevel:
+        raise ConfigError("model.single_global needs model.bilevel=true (it ablates the global level)")
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """CLI ``--set model.lr=1e-4``: JSON-ish literals, bare strings otherwise."""
+    low = text.strip()
+    if low.lower() in ("true", "false"):
+        return low.lower() == "true"
+    try:
+        return json.loads(low)
+    except (json.JSONDecodeError, ValueError):
+        return text
+
+
+def make_config(preset: str = "fast", env: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Preset defaults for ``env``, then ``overrides`` ({section: {key: value}}), validated."""
+    overrides = dict(overrides or {})
+    for sec in overrides:
+        if sec not in SECTIONS:
+            raise one_of("config section", sec, list(SECTIONS))
+    run_over = dict(overrides.get("run", {}))
+    env_name = env or run_over.get("env") or RunConfig.env
+    if not isinstance(env_name, str):
+        raise ConfigError(f"config key run.env must be a string, got {env_name!r}")
+    base = preset_overrides(preset, env_name)
+    sections = {}
+    for sec, cls in SECTIONS.items():
+        merged = dict(base.get(sec, {}))
+        merged.update(overrides.get(sec, {}))
+        if sec == "run":
+            merged["env"] = env_name
+        sections[sec] = _build_section(sec, cls, merged)
+    return validate(Config(preset=preset, **sections))
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["model.lr=1e-4", "ppo.epochs=3"]`` -> ``{"model": {"lr": 1e-4}, "ppo": {"epochs": 3}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"bad --set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(SECTIONS)}")
+        key, val = item.split("=", 1)
+        sec, name = key.split(".", 1)
+        if sec not in SECTIONS:
+            raise one_of("config section", sec, list(SECTIONS))
+        out.setdefault(sec, {})[name] = parse_value(val)
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON file ``{"preset": ..., "model": {...}, "ppo": {...}, "run": {...}}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a JSON object, got {type(data).__name__}")
+    allowed = ["preset", *SECTIONS]
+    for k in data:
+        if k not in allowed:
+            raise one_of("top-level config key", k, allowed)
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved by :meth:`Config.to_dict` (used by checkpoints)."""
+    preset = data.get("preset", "fast")
+    over = {sec: data.get(sec, {}) for sec in SECTIONS if sec in data}
+    env = over.get("run", {}).get("env")
+    return make_config(preset, env, over)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Copy of ``cfg`` with some keys changed, validated (for tests and benchmarks)."""
+    over = {sec: {**asdict(getattr(cfg, sec)), **vals} for sec, vals in sections.items()}
+    full = {sec: asdict(getattr(cfg, sec)) for sec in SECTIONS}
+    full.update(over)
+    return validate(Config(preset=cfg.preset, **{s: _build_section(s, SECTIONS[s], v) for s, v in full.items()}))
+
+
+__all__ = [
+    "Config", "WorldModelConfig", "PPOConfig", "RunConfig", "PRESETS", "make_config", "parse_set",
+    "load_config_file", "config_from_dict", "replace", "preset_overrides",
+]

@@ -1,0 +1,148 @@
+"""The MABL learner: world model + pluggable MARL algorithm (Algorithm 1, lines 5-14).
+
+``update(buffer)`` is the post-episode work: ``model.train_steps`` world-model updates on
+sampled sequences, then the model is frozen and the algorithm runs ``ppo.updates`` rounds
+of imagination + policy optimisation from posterior states of freshly sampled sequences.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mabl.agent import DecentralizedPolicy
+from mabl.buffer import ReplayBuffer
+from mabl.config import Config
+from mabl.envs.base import EnvSpec
+from mabl.errors import DivergenceError
+from mabl.mappo import MAPPO
+from mabl.world_model import BiLevelWorldModel
+
+
+def resolve_device(name: str) -> torch.device:
+    from mabl.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available here; accepted: auto, cpu")
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"bad device {name!r}; accepted: auto, cpu, cuda, cuda:N") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+        return dev
+    raise ConfigError(f"bad device {name!r}; accepted: auto, cpu, cuda, cuda:N")
+
+
+class NonFiniteGuard:
+    """Checks every loss and gradient norm; stops with a report or skips the batch."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.skipped = 0
+        self.step = 0
+        self.last_good_checkpoint: str | None = None
+
+    def __call__(self, name: str, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            return True
+        what = "loss" if not torch.isfinite(loss) else "gradient"
+        if self.skip:
+            self.skipped += 1
+            return False
+        raise DivergenceError(
+            f"non-finite {what} in {name} at learner step {self.step} (loss={float(loss)}, grad_norm={float(grad_norm)}); "
+            f"last good checkpoint: {self.last_good_checkpoint or 'none'}; rerun with --set run.skip_nonfinite=true to skip such batches"
+        )
+
+
+class MABLLearner:
+    def __init__(self, spec: EnvSpec, cfg: Config, device: torch.device | str = "cpu",
+                 make_algorithm: Callable | None = None):
+        self.spec, self.cfg = spec, cfg
+        self.device = torch.device(device)
+        self.model = BiLevelWorldModel(spec, cfg.model).to(self.device)
+        self.model_opt = torch.optim.Adam(self.model.parameters(), lr=cfg.model.lr)
+        self.algo = (make_algorithm or MAPPO)(spec, self.model, cfg.ppo).to(self.device)
+        self.policy = DecentralizedPolicy(self.model, self.algo.actor)
+        self.guard = NonFiniteGuard(cfg.run.skip_nonfinite)
+        self.updates = 0
+        self.timings: dict[str, float] = {}
+
+    # autocast: bf16 matmuls with fp32 master weights (CPU AMX / CUDA tensor cores)
+    def autocast(self):
+        if not self.cfg.run.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train_model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.model.train()
+        with self.autocast():
+            loss, metrics, _ = self.model.loss(batch)
+        self.model_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.model.grad_clip)
+        self.guard.step += 1
+        if self.guard("world_model_loss", loss.detach(), norm):
+            self.model_opt.step()
+        else:
+            self.model_opt.zero_grad(set_to_none=True)
+        out = {f"model/{k}": float(v) for k, v in metrics.items()}
+        out["model/loss"] = float(loss.detach())
+        out["model/grad_norm"] = float(norm)
+        return out
+
+    @torch.no_grad()
+    def starts(self, batch: dict[str, torch.Tensor]):
+        """Posterior states of every step of the sampled sequences: imagination starts ``[T*B, N, ...]``."""
+        with self.autocast():
+            post, _, _ = self.model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
+        return post.map(lambda x: x.flatten(0, 1))
+
+    def update(self, buffer: ReplayBuffer, rng: np.random.Generator) -> dict[str, float]:
+        """All post-episode learning (Algorithm 1, lines 5-14)."""
+        mc, pc = self.cfg.model, self.cfg.ppo
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for _ in range(mc.train_steps):
+            batch = buffer.sample(mc.batch_size, mc.seq_len, rng, self.device)
+            m = self.train_model_step(batch)
+        metrics.update(m)
+        t1 = time.perf_counter()
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        try:
+            t_imag = 0.0
+            for _ in range(pc.updates):
+                batch = buffer.sample(pc.imagine_batch, pc.imagine_seq_len, rng, self.device)
+                starts = self.starts(batch)
+                a = self.algo.train_round(self.model, starts, self.autocast, self.guard)
+            metrics.update({f"policy/{k}": v for k, v in a.items()})
+        finally:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        t2 = time.perf_counter()
+        self.updates += 1
+        self.timings = {"model_s": t1 - t0, "policy_s": t2 - t1, "update_s": t2 - t0}
+        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+        return metrics
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "model_opt": self.model_opt.state_dict(),
+                "algo": self.algo.state_dict(), "updates": torch.tensor(self.updates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model_opt.load_state_dict(state["model_opt"])
+        self.algo.load_state_dict(state["algo"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,82 @@
+"""Small building blocks shared by the world model and the MARL algorithm."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
+    """``layers`` hidden ReLU layers of width ``hidden`` then a linear output (paper App. B.1: ReLU MLPs)."""
+    mods: list[nn.Module] = []
+    d = in_dim
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), nn.ReLU()]
+        d = hidden
+    mods.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*mods)
+
+
+class SplitLinear(nn.Module):
+    """``W [x_1; x_2; ...] + b`` for inputs given separately.
+
+    Equivalent to a Linear on the concatenation, but each part can be projected
+    on its own: the parts known for the whole sequence (observation embeddings,
+    data actions) are projected once for all time steps outside the recurrence,
+    and only the recurrent parts are multiplied inside the loop.
+    """
+
+    def __init__(self, in_dims: list[int], out_dim: int):
+        super().__init__()
+        self.in_dims = list(in_dims)
+        self.parts = nn.ModuleList(nn.Linear(d, out_dim, bias=(i == 0)) for i, d in enumerate(in_dims))
+
+    def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.parts[i](x)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = self.parts[0](xs[0])
+        for lin, x in zip(self.parts[1:], xs[1:]):
+            out = out + lin(x)
+        return out
+
+
+class GRUCell(nn.Module):
+    """The GRU variant of DreamerV2/V3: one matmul on ``[x, h]`` for all three gates.
+
+    r = σ(W_r[x,h]), c = tanh(r ⊙ W_c[x,h]), u = σ(W_u[x,h] - 1), h' = u ⊙ c + (1 - u) ⊙ h.
+    """
+
+    def __init__(self, in_dim: int, size: int):
+        super().__init__()
+        self.size = size
+        self.lin = nn.Linear(in_dim + size, 3 * size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        parts = self.lin(torch.cat([x, h], -1))
+        reset, cand, update = parts.float().split(self.size, -1)
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1.0)
+        return (update * cand + (1.0 - update) * h.float()).to(h.dtype)
+
+
+def sample_onehot(logits: torch.Tensor, straight_through: bool = True) -> torch.Tensor:
+    """One sample per categorical (last dim) as a one-hot vector, Gumbel-max.
+
+    With ``straight_through`` the gradient flows through the probabilities
+    (``onehot + p - stop_grad(p)``, DreamerV2), so the forward value is the exact
+    one-hot sample and the backward pass is that of ``softmax(logits)``.
+    """
+    logits = logits.float()
+    u = torch.rand_like(logits).clamp_(1e-10, 1.0)
+    idx = (logits - torch.log(-torch.log(u))).argmax(-1)
+    onehot = F.one_hot(idx, logits.shape[-1]).to(logits.dtype)
+    if straight_through and logits.requires_grad:
+        probs = torch.softmax(logits, -1)
+        onehot = onehot + probs - probs.detach()
+    return onehot
+
+
+def mode_onehot(logits: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)

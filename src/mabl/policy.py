@@ -1,0 +1,83 @@
+"""The actor π(a^i | z^a, h^a) shared by all agents, for discrete and continuous actions.
+
+Discrete: a categorical over ``action_dim`` logits with unavailable actions masked out.
+Continuous: a squashed Gaussian: u ~ N(μ, σ), a = tanh(u) in [-1, 1]. The actor keeps
+the pre-squash ``u`` as "the action" for PPO so log-probabilities are exact:
+log π(a) = log N(u; μ, σ) - Σ log(1 - tanh(u)^2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mabl.nets import mlp
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+_MASKED = -1e9
+
+
+def masked_logits(logits: torch.Tensor, avail: torch.Tensor | None) -> torch.Tensor:
+    """Unavailable actions get a logit of -1e9; rows with no available action keep all."""
+    logits = logits.float()
+    if avail is None:
+        return logits
+    avail = avail.bool()
+    avail = avail | ~avail.any(-1, keepdim=True)
+    return logits.masked_fill(~avail, _MASKED)
+
+
+def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log-density of a = tanh(u) with u ~ N(mean, exp(log_std)), summed over action dims."""
+    var = (2 * log_std).exp()
+    normal = -0.5 * ((u - mean) ** 2 / var + 2 * log_std + math.log(2 * math.pi))
+    # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), numerically stable
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    return (normal - log_det).sum(-1)
+
+
+class Actor(nn.Module):
+    def __init__(self, in_dim: int, action_dim: int, hidden: int, layers: int, discrete: bool):
+        super().__init__()
+        self.discrete = discrete
+        self.action_dim = action_dim
+        self.net = mlp(in_dim, hidden, layers, action_dim if discrete else 2 * action_dim)
+
+    def params(self, feat: torch.Tensor, avail: torch.Tensor | None = None):
+        out = self.net(feat).float()
+        if self.discrete:
+            return masked_logits(out, avail), None
+        mean, log_std = out.chunk(2, -1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, feat, avail=None, deterministic: bool = False):
+        """Returns ``(raw, env_action, log_prob)``: raw is the index / pre-squash u."""
+        p, log_std = self.params(feat, avail)
+        if self.discrete:
+            if deterministic:
+                idx = p.argmax(-1)
+            else:
+                idx = torch.multinomial(p.softmax(-1).reshape(-1, p.shape[-1]), 1).reshape(p.shape[:-1])
+            logp = p.log_softmax(-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+            return idx, idx, logp
+        u = p if deterministic else p + log_std.exp() * torch.randn_like(p)
+        return u, torch.tanh(u), tanh_gaussian_log_prob(u, p, log_std)
+
+    def log_prob_entropy(self, feat, raw, avail=None):
+        p, log_std = self.params(feat, avail)
+        if self.discrete:
+            logp_all = p.log_softmax(-1)
+            logp = logp_all.gather(-1, raw.long().unsqueeze(-1)).squeeze(-1)
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+            return logp, ent
+        logp = tanh_gaussian_log_prob(raw, p, log_std)
+        ent = (log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)  # entropy of u (pre-squash)
+        return logp, ent
+
+    def env_to_model_action(self, raw: torch.Tensor) -> torch.Tensor:
+        """What the world model sees of an action: one-hot index or tanh(u)."""
+        if self.discrete:
+            return F.one_hot(raw.long(), self.action_dim).float()
+        return torch.tanh(raw)

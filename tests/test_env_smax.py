@@ -1,0 +1,163 @@
+"""SMAX adapter: protocol conformance, dims, termination vs truncation, masks, errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mabl.envs import MissingDependencyError, make_env
+from mabl.errors import ConfigError
+
+jaxmarl = pytest.importorskip("jaxmarl", reason="smax tests need jaxmarl")  # noqa: F841
+
+from env_conformance import check_conformance, random_actions  # noqa: E402
+
+from mabl.envs import smax  # noqa: E402
+
+STOP = 4
+
+
+@pytest.fixture(scope="module")
+def env_3m():
+    return make_env("smax:3m", seed=0)
+
+
+@pytest.fixture(scope="module")
+def env_3s_vs_4z():
+    return make_env("smax:3s_vs_4z", seed=0)
+
+
+def test_import_does_not_need_jax():
+    code = "import sys, mabl.envs.smax as m; assert 'jax' not in sys.modules and 'jaxmarl' not in sys.modules; print(m.TASKS)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "3s_vs_4z" in out.stdout
+
+
+def test_tasks_and_limits():
+    assert set(smax.TASKS) >= {"3m", "2s3z", "3s_vs_5z", "3s5z_vs_3s6z", "3s_vs_4z", "6z_vs_24zg"}
+    assert "2s_vs_1sc" not in smax.TASKS and "corridor" not in smax.TASKS
+    assert smax.EPISODE_LIMITS["3m"] == 60 and smax.EPISODE_LIMITS["6z_vs_24zg"] == 400
+    assert smax.EPISODE_LIMITS["3s_vs_4z"] == 200 and smax.EPISODE_LIMITS["3s5z_vs_3s6z"] == 170
+
+
+@pytest.mark.parametrize("fixture", ["env_3m", "env_3s_vs_4z"])
+def test_conformance(fixture, request):
+    env = request.getfixturevalue(fixture)
+    check_conformance(env, seed=3)
+    check_conformance(env, seed=4, max_steps=10)
+
+
+def test_spec_and_dims(env_3s_vs_4z, env_3m):
+    spec = env_3s_vs_4z.spec
+    assert spec.name == "smax:3s_vs_4z"
+    assert (spec.n_agents, spec.obs_dim, spec.state_dim, spec.action_dim) == (3, 88, 84, 9)
+    assert spec.discrete and spec.has_action_mask and spec.has_win and spec.episode_limit == 200
+    assert env_3m.spec.episode_limit == 60 and env_3m.spec.action_dim == 8
+
+
+def test_reset_reward_zero_and_shared_reward(env_3m):
+    ts = env_3m.reset(seed=1)
+    assert not ts.reward.any() and ts.info == {}
+    rng = np.random.default_rng(1)
+    total = 0.0
+    while not ts.done:
+        ts = env_3m.step(random_actions(env_3m.spec, ts.avail, rng))
+        assert np.all(ts.reward == ts.reward[0])  # SMAX's reward is shared by the team
+        total += float(ts.reward[0])
+    assert isinstance(ts.info["won"], bool)
+    assert 0.0 <= total <= 2.0 + 1e-4
+
+
+def test_focus_fire_wins_are_terminations(env_3m):
+    """Walk east (action 1, towards the enemy) and shoot the first enemy in range: wins some 3m battles."""
+    for seed in range(20):
+        ts = env_3m.reset(seed=seed)
+        while not ts.done:
+            acts = [5 + np.flatnonzero(av[5:])[0] if av[5:].any() else (1 if av[1] else STOP) for av in ts.avail]
+            ts = env_3m.step(np.array(acts))
+        if ts.info["won"]:
+            assert ts.terminated and not ts.truncated
+            assert ts.reward[0] >= 1.0  # the win bonus
+            return
+    pytest.fail("focus fire never won 3m in 20 seeds")
+
+
+def test_reset_without_seed_continues_stream():
+    a, b = smax.make("3m", seed=7), smax.make("3m", seed=7)
+    a1, a2 = a.reset(), a.reset()
+    b1, b2 = b.reset(), b.reset()
+    np.testing.assert_array_equal(a1.state, b1.state)
+    np.testing.assert_array_equal(a2.state, b2.state)
+    assert not np.array_equal(a1.state, a2.state)
+
+
+def test_time_limit_is_truncation():
+    env = smax.make("3m", seed=0, episode_limit=5)
+    assert env.spec.episode_limit == 5
+    ts = env.reset(seed=0)
+    for t in range(5):
+        assert not ts.done
+        ts = env.step(np.full(env.spec.n_agents, STOP))
+    assert ts.truncated and not ts.terminated
+    assert ts.info == {"won": False}
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.full(env.spec.n_agents, STOP))
+
+
+def test_dead_units_may_only_stop(env_3m):
+    """Random allies lose units in 3m; a dead ally's mask is exactly {stop} and its obs is zero."""
+    rng = np.random.default_rng(0)
+    seen_dead = False
+    for ep in range(6):
+        ts = env_3m.reset(seed=100 + ep)
+        while not ts.done:
+            ts = env_3m.step(random_actions(env_3m.spec, ts.avail, rng))
+            dead = ~ts.avail[:, :4].any(axis=1)
+            if dead.any():
+                seen_dead = True
+                only_stop = np.zeros(env_3m.spec.action_dim, dtype=bool)
+                only_stop[STOP] = True
+                assert (ts.avail[dead] == only_stop).all()
+                assert not ts.obs[dead].any()
+        if seen_dead:
+            break
+    assert seen_dead, "no ally died in 6 random 3m episodes"
+
+
+def test_bad_actions_rejected(env_3m):
+    env_3m.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        env_3m.step(np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        env_3m.step(np.array([0, 0, 8]))
+
+
+def test_unbuildable_and_unknown_maps():
+    with pytest.raises(ConfigError) as e:
+        make_env("smax:2s_vs_1sc")
+    msg = str(e.value)
+    assert "'2s_vs_1sc'" in msg and "spine crawler" in msg and "3s_vs_4z" in msg and "\n" not in msg
+    with pytest.raises(ConfigError) as e:
+        make_env("smax:corridor")
+    assert "6z_vs_24zg" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        make_env("smax:nope")
+    msg = str(e.value)
+    assert "'nope'" in msg and "3m" in msg and "6z_vs_24zg" in msg and "\n" not in msg
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="'foo'.*episode_limit"):
+        smax.make("3m", foo=1)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="episode_limit"):
+            smax.make("3m", episode_limit=bad)
+
+
+def test_missing_jaxmarl(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jaxmarl", None)
+    with pytest.raises(MissingDependencyError, match="jaxmarl"):
+        smax.make("3m")
