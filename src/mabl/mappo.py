@@ -196,9 +196,9 @@ class MAPPO(nn.Module):
                     v = self.critic(c_in[idx])
                     critic_loss = (w * 0.5 * (v - ret[idx]) ** 2).mean()
                 self._step(self.critic_opt, self.critic, critic_loss, guard, "critic_loss")
-                stats["actor_loss"] += float(actor_loss)
-                stats["critic_loss"] += float(critic_loss)
-                stats["entropy"] += float(ent.mean())
+                stats["actor_loss"] += float(actor_loss.detach())
+                stats["critic_loss"] += float(critic_loss.detach())
+                stats["entropy"] += float(ent.detach().mean())
                 stats["n"] += 1
         n = max(stats.pop("n"), 1)
         out = {k: v / n for k, v in stats.items()}

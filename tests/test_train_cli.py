@@ -1,0 +1,96 @@
+"""Algorithm 1 end to end on SMAX at tiny sizes, the CLI and its one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mabl.cli import main
+from mabl.config import make_config, parse_set
+from mabl.errors import ConfigError
+from mabl.train import train
+
+pytest.importorskip("jaxmarl", reason="SMAX needs the smax extra")
+
+
+def tiny_cfg(tmp_path, steps=300, **run):
+    over = {"run": {"steps": steps, "eval_every": 150, "checkpoint_every": 150, "eval_episodes": 2,
+                    "run_dir": str(tmp_path / "run"), **run}}
+    return make_config("tiny", "smax:3m", over)
+
+
+def test_train_writes_metrics_checkpoints_curve(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    summary = train(cfg)
+    run = tmp_path / "run"
+    assert summary["env_steps"] >= 300
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["env_steps"] == summary["env_steps"]
+    assert any("model/loss" in r for r in rows) and any("policy/actor_loss" in r for r in rows)
+    assert all(r["env_steps"] > p["env_steps"] for p, r in zip(rows, rows[1:]))
+    evals = (run / "eval.csv").read_text().splitlines()
+    assert evals[0].startswith("env_steps") and len(evals) >= 3 and "win_rate" in evals[0]
+    assert (run / "curve.png").stat().st_size > 1000
+    ckpts = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    assert 1 <= len(ckpts) <= cfg.run.keep_checkpoints
+    assert json.loads((run / "config.json").read_text())["run"]["env"] == "smax:3m"
+    assert list(run.glob("tb/events.*"))
+
+
+def test_cli_train_then_eval_and_resume(tmp_path, capsys):
+    rd = tmp_path / "r"
+    args = ["train", "--env", "smax:3m", "--preset", "tiny", "--steps", "120", "--run-dir", str(rd),
+            "--set", "run.checkpoint_every=60", "--set", "run.eval_every=1000000", "--no-progress"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the same directory without --resume is refused (nothing is overwritten)
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    # resume to a longer budget continues from the checkpoint
+    assert main(["train", "--resume", "--run-dir", str(rd), "--steps", "200", "--no-progress"]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["env_steps"] >= 200 and second["episodes"] > first["episodes"]
+    assert main(["eval", str(rd), "--episodes", "2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["episodes"] == 2 and 0.0 <= res["win_rate"] <= 1.0 and res["env"] == "smax:3m"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--env", "smax:4m", "--preset", "tiny"], "4m"),
+    (["train", "--env", "atari:pong"], "atari"),
+    (["train", "--env", "smax:3m", "--preset", "huge"], "huge"),
+    (["train", "--env", "smax:3m", "--set", "model.hiden=3"], "hiden"),
+    (["train", "--env", "smax:3m", "--set", "model.hidden=abc"], "model.hidden"),
+    (["train", "--env", "smax:3m", "--set", "ppo.clip"], "ppo.clip"),
+    (["train", "--env", "smax:3m", "--set", "run.device=tpu"], "tpu"),
+    (["train", "--env", "smax:3m", "--set", "model.obs_loss=l3"], "l3"),
+    (["config", "--env", "smax:3m", "--set", "ppo.gamma=1.5"], "ppo.gamma"),
+])
+def test_bad_input_is_one_line(argv, needle, capsys, tmp_path):
+    argv = argv + ["--set", f"run.run_dir={tmp_path / 'x'}"] if argv[0] == "train" else argv
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mabl: error:") and "\n" not in err and needle in err, err
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "ckpt_000000000001.pt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    assert main(["eval", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "corrupt" in err and str(bad) in err and "\n" not in err
+
+
+def test_unknown_section_and_parse_set():
+    assert parse_set(["model.lr=1e-4", "run.bf16=false", "run.env_options={\"a\": 1}"]) == {
+        "model": {"lr": 1e-4}, "run": {"bf16": False, "env_options": {"a": 1}}}
+    with pytest.raises(ConfigError, match="modle"):
+        parse_set(["modle.lr=1"])
+
+
+def test_console_script_reports_missing_subcommand():
+    out = subprocess.run([sys.executable, "-m", "mabl.cli"], capture_output=True, text=True)
+    assert out.returncode == 2 and "command" in out.stderr

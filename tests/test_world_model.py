@@ -1,0 +1,169 @@
+"""The bi-level world model: shapes, the paper's conditioning structure, losses by hand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mabl.config import make_config, replace
+from mabl.envs.base import EnvSpec
+from mabl.nets import sample_onehot
+from mabl.world_model import BiLevelWorldModel, categorical_kl, kl_balanced
+
+SPEC = EnvSpec("test:toy", n_agents=3, obs_dim=11, state_dim=7, action_dim=5, discrete=True, has_action_mask=True)
+
+
+def tiny(**model):
+    cfg = make_config("tiny", "smax:3m")
+    return replace(cfg, model=model) if model else cfg
+
+
+def batch(T=6, B=2, spec=SPEC, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, a = spec.n_agents, spec.action_dim
+    act = torch.nn.functional.one_hot(torch.randint(0, a, (T, B, n), generator=g), a).float()
+    is_first = torch.zeros(T, B, dtype=torch.bool)
+    is_first[0] = True
+    act[0] = 0
+    return {
+        "obs": torch.randn(T, B, n, spec.obs_dim, generator=g), "state": torch.randn(T, B, spec.state_dim, generator=g),
+        "prev_action": act, "reward": torch.randn(T, B, n, generator=g), "cont": torch.ones(T, B),
+        "avail": torch.rand(T, B, n, a, generator=g) > 0.3, "is_first": is_first,
+    }
+
+
+def test_observe_imagine_heads_shapes():
+    cfg = tiny().model
+    m = BiLevelWorldModel(SPEC, cfg)
+    b = batch()
+    post, logits, last = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
+    S = cfg.n_categoricals * cfg.n_classes
+    assert post.h_a.shape == (6, 2, 3, cfg.deter) and post.z_a.shape == (6, 2, 3, S)
+    assert post.h_g.shape == (6, 2, 3, cfg.deter) and post.z_g.shape == (6, 2, 3, S)
+    for k in ("post_a", "prior_a", "post_g", "prior_g"):
+        assert logits[k].shape == (6, 2, 3, S), k
+    # latents are exact one-hots: one class per categorical
+    z = post.z_a.detach().unflatten(-1, (cfg.n_categoricals, cfg.n_classes))
+    assert torch.allclose(z.sum(-1), torch.ones_like(z.sum(-1)), atol=1e-6)
+    assert ((z > 0.5).sum(-1) == 1).all()
+    start = post.map(lambda x: x[-1].detach())
+    nxt = m.imagine_step(start, torch.nn.functional.one_hot(torch.randint(0, 5, (2, 3)), 5).float())
+    assert nxt.h_a.shape == start.h_a.shape and nxt.z_g.shape == start.z_g.shape
+    heads = m.heads(nxt)
+    assert heads["reward"].shape == (2, 3) and heads["cont"].shape == (2, 3) and heads["avail"].shape == (2, 3, 5)
+
+
+def test_loss_is_finite_and_trains_every_parameter():
+    m = BiLevelWorldModel(SPEC, tiny().model)
+    total, metrics, _ = m.loss(batch())
+    assert torch.isfinite(total)
+    assert {"obs", "kl_a", "kl_g", "reward", "cont", "avail", "action"} <= set(metrics)
+    total.backward()
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+def test_world_model_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    m = BiLevelWorldModel(SPEC, tiny().model)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    b = batch(T=8, B=4)
+    first = None
+    for _ in range(150):
+        loss, _, _ = m.loss(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+    assert float(loss.detach()) < 0.6 * first
+
+
+def test_agent_posterior_ignores_state_and_others_global_posterior_does_not():
+    """q(z^a | o^i, h^a) never sees s_t; q(z^g | s_t, z^a, h^g) does (paper Eq. 2)."""
+    m = BiLevelWorldModel(SPEC, tiny().model)
+    b = batch()
+    b2 = dict(b, state=torch.randn_like(b["state"]) * 5)
+    with torch.no_grad():
+        _, l1, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"], sample=False)
+        _, l2, _ = m.observe(b2["obs"], b2["state"], b2["prev_action"], b2["is_first"], sample=False)
+    assert torch.allclose(l1["post_a"], l2["post_a"])
+    assert not torch.allclose(l1["post_g"], l2["post_g"])
+    # agent 0's posterior does not depend on agent 1's observation
+    b3 = dict(b, obs=b["obs"].clone())
+    b3["obs"][:, :, 1] += 3.0
+    with torch.no_grad():
+        _, l3, _ = m.observe(b3["obs"], b3["state"], b3["prev_action"], b3["is_first"], sample=False)
+    assert torch.allclose(l1["post_a"][:, :, 0], l3["post_a"][:, :, 0])
+    assert not torch.allclose(l1["post_a"][:, :, 1], l3["post_a"][:, :, 1])
+
+
+def test_is_first_resets_the_carry():
+    m = BiLevelWorldModel(SPEC, tiny().model)
+    b = batch(T=6)
+    b["is_first"][3] = True
+    with torch.no_grad():
+        _, full, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"], sample=False)
+        tail = {k: v[3:] for k, v in b.items()}
+        _, part, _ = m.observe(tail["obs"], tail["state"], tail["prev_action"], tail["is_first"], sample=False)
+    assert torch.allclose(full["post_a"][3:], part["post_a"], atol=1e-5)
+    assert torch.allclose(full["post_g"][3:], part["post_g"], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(bilevel=False), dict(single_global=True)])
+def test_ablations_are_flags(variant):
+    cfg = tiny(**variant).model
+    m = BiLevelWorldModel(SPEC, cfg)
+    total, metrics, post = m.loss(batch())
+    total.backward()
+    if not cfg.bilevel:
+        assert post.h_g is None and "kl_g" not in metrics and not hasattr(m, "global_gru")
+    else:
+        assert post.h_g.shape[-2] == 1  # one global latent shared by all agents
+        fa, fg = m.features(post)
+        assert fg.shape[:-1] == fa.shape[:-1]
+
+
+def test_categorical_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    p, q = torch.randn(5, 4 * 6), torch.randn(5, 4 * 6)
+    ours = categorical_kl(p, q, 4)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=p.view(5, 4, 6)), torch.distributions.Categorical(logits=q.view(5, 4, 6))
+    ).sum(-1)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_kl_balancing_value_and_gradient_split():
+    torch.manual_seed(1)
+    post = torch.randn(3, 8, requires_grad=True)
+    prior = torch.randn(3, 8, requires_grad=True)
+    val = kl_balanced(post, prior, 2, 0.8)
+    assert torch.allclose(val, categorical_kl(post, prior, 2), atol=1e-6)  # the value is the plain KL
+    val.sum().backward()
+    g_post, g_prior = post.grad.clone(), prior.grad.clone()
+    post.grad = prior.grad = None
+    categorical_kl(post, prior, 2).sum().backward()
+    assert torch.allclose(g_prior, 0.8 * prior.grad, atol=1e-6)  # prior pulled toward posterior with 0.8
+    assert torch.allclose(g_post, 0.2 * post.grad, atol=1e-6)  # posterior regularized with 0.2
+
+
+def test_straight_through_sample():
+    torch.manual_seed(0)
+    logits = torch.randn(2000, 3, 4, requires_grad=True)
+    z = sample_onehot(logits)
+    assert torch.allclose(z.detach().sum(-1), torch.ones(2000, 3), atol=1e-6)
+    freq = z.detach().mean(0)
+    assert torch.allclose(freq, torch.softmax(logits.detach(), -1).mean(0), atol=0.05)
+    w = torch.randn(4)
+    (z * w).sum().backward()
+    p = torch.softmax(logits.detach(), -1)
+    expected = p * (w - (p * w).sum(-1, keepdim=True))  # d/dlogits of sum(softmax * w)
+    assert torch.allclose(logits.grad, expected, atol=1e-5)
+
+
+def test_kl_scale_counts_categoricals():
+    cfg = make_config("paper", "smax:3m").model
+    assert math.isclose(cfg.kl_scale, 1 / 32) and cfg.n_categoricals == 32 and cfg.n_classes == 32
+    assert np.isclose(cfg.kl_balance, 0.8)
