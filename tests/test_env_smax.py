@@ -68,7 +68,7 @@ def test_reset_reward_zero_and_shared_reward(env_3m):
         assert np.all(ts.reward == ts.reward[0])  # SMAX's reward is shared by the team
         total += float(ts.reward[0])
     assert isinstance(ts.info["won"], bool)
-    assert 0.0 <= total <= 2.0 + 1e-4
+    assert 0.0 <= total <= smax.DEFAULT_REWARD_SCALE * (2.0 + 1e-4)
 
 
 def test_focus_fire_wins_are_terminations(env_3m):
@@ -80,7 +80,7 @@ def test_focus_fire_wins_are_terminations(env_3m):
             ts = env_3m.step(np.array(acts))
         if ts.info["won"]:
             assert ts.terminated and not ts.truncated
-            assert ts.reward[0] >= 1.0  # the win bonus
+            assert ts.reward[0] >= smax.DEFAULT_REWARD_SCALE  # the win bonus, scaled
             return
     pytest.fail("focus fire never won 3m in 20 seeds")
 
@@ -161,3 +161,18 @@ def test_missing_jaxmarl(monkeypatch):
     monkeypatch.setitem(sys.modules, "jaxmarl", None)
     with pytest.raises(MissingDependencyError, match="jaxmarl"):
         smax.make("3m")
+
+
+def test_reward_scale_option():
+    native = make_env("smax:3m", seed=0, reward_scale=1.0)
+    scaled = make_env("smax:3m", seed=0)
+    rng1, rng2 = np.random.default_rng(0), np.random.default_rng(0)
+    a, b = native.reset(seed=3), scaled.reset(seed=3)
+    while not a.done:
+        a = native.step(random_actions(native.spec, a.avail, rng1))
+        b = scaled.step(random_actions(scaled.spec, b.avail, rng2))
+        np.testing.assert_allclose(b.reward, smax.DEFAULT_REWARD_SCALE * a.reward, rtol=1e-6)
+    with pytest.raises(ConfigError, match="reward_scale"):
+        make_env("smax:3m", reward_scale=-1)
+    with pytest.raises(ConfigError, match="accepted: episode_limit, reward_scale"):
+        make_env("smax:3m", reward_sclae=2)

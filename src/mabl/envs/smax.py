@@ -10,8 +10,10 @@ The learning agents are SMAX's allies; the enemies are driven by JaxMARL's built
 * ``avail`` bool ``[n_agents, 5 + n_enemies]``: actions 0-3 move, 4 stop, ``5 + i`` attack enemy
   ``i`` (in range and alive). A dead ally may only stop;
 * ``reward`` float32 ``[n_agents]``: SMAX's shared team reward for the last transition (enemy
-  health lost as a fraction, divided by the number of enemies, plus 1.0 on a win), identical
-  for every agent; zeros after ``reset``.
+  health lost as a fraction, divided by the number of enemies, plus 1.0 on a win), times
+  ``reward_scale`` (default 10, so a won episode is worth up to ~20 as with SMAC's default
+  reward normalisation, the scale the paper's hyperparameters were tuned for; 1 gives SMAX's
+  native reward), identical for every agent; zeros after ``reset``.
 
 ``terminated`` means the battle was decided (every ally or every enemy is dead);
 ``truncated`` means the episode limit was reached with both sides still standing. JaxMARL itself
@@ -115,7 +117,12 @@ UNBUILDABLE: dict[str, str] = {
     "corridor": "SMAX has no terrain, so there is no corridor; use 6z_vs_24zg (same units, no terrain)",
 }
 
-OPTIONS = ("episode_limit",)
+OPTIONS = ("episode_limit", "reward_scale")
+
+# SMAC normalises its reward so that a won episode is worth at most ~20 (reward_scale_rate=20);
+# SMAX's native reward tops out at ~2 (damage fraction + 1 for the win). The paper's
+# hyperparameters were tuned on SMAC's scale, so the adapter multiplies by 10 by default.
+DEFAULT_REWARD_SCALE = 10.0
 
 # XLA's concurrency-optimised scheduler spreads the step's many tiny kernels over threads; for a
 # single small env the hand-offs cost more than they save (see _tune_jax_cpu).
@@ -276,7 +283,8 @@ def _compiled(task: str):
 class SMAXEnv:
     """One SMAX map with heuristic enemies; see the module docstring for the conventions."""
 
-    def __init__(self, task: str, seed: int = 0, episode_limit: int | None = None):
+    def __init__(self, task: str, seed: int = 0, episode_limit: int | None = None,
+                 reward_scale: float = DEFAULT_REWARD_SCALE):
         if task not in EPISODE_LIMITS:
             if task in UNBUILDABLE:
                 raise ConfigError(
@@ -287,6 +295,9 @@ class SMAXEnv:
         if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
             raise ConfigError(f"smax option episode_limit must be a positive int, got {episode_limit!r}")
         limit = int(limit)
+        if isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float)) or not reward_scale > 0:
+            raise ConfigError(f"smax option reward_scale must be a positive number, got {reward_scale!r}")
+        self._reward_scale = float(reward_scale)
         self._jax = _import_jaxmarl()[0]
         env, self._reset_fn, self._step_fn, carry, self._key_size = _compiled(task)
         self._limit = np.int32(limit)
@@ -333,7 +344,7 @@ class SMAXEnv:
             obs=f[:o].reshape(spec.n_agents, spec.obs_dim),
             state=f[o:s],
             avail=flat[s:a].reshape(spec.n_agents, spec.action_dim).astype(bool),
-            reward=np.full(spec.n_agents, f[a], dtype=np.float32),
+            reward=np.full(spec.n_agents, f[a] * self._reward_scale, dtype=np.float32),
             terminated=terminated,
             truncated=truncated,
             info={"won": won} if done else {},
@@ -367,7 +378,8 @@ class SMAXEnv:
 
 
 def make(task: str, seed: int = 0, **options) -> SMAXEnv:
-    """Build the SMAX adapter for ``task``; the only option is ``episode_limit`` (positive int)."""
+    """Build the SMAX adapter for ``task``; options ``episode_limit`` (positive int) and
+    ``reward_scale`` (positive float, default 10: SMAC's reward scale; 1: SMAX's native reward)."""
     for name in options:
         if name not in OPTIONS:
             raise ConfigError(f"unknown smax option {name!r}; accepted: {', '.join(OPTIONS)}")

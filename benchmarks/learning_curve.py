@@ -1,0 +1,171 @@
+"""Learning curve of one training run, against a random policy measured by the same script.
+
+    python benchmarks/learning_curve.py --env smax:3m --preset fast --steps 50000 --seed 0
+    python benchmarks/learning_curve.py --env smax:3m --run-dir runs/bench/smax_3m_fast_s0 --report-only
+
+Trains (unless ``--report-only``: then it reads an existing run directory), evaluates a uniformly
+random policy (respecting action masks) with the same evaluation code and episode seeds, copies the
+curve to ``benchmarks/results/`` and writes a section into ``BENCHMARKS.md`` with the exact command,
+commit, machine, budget and results. The last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mabl.config import config_from_dict, make_config, parse_set  # noqa: E402
+from mabl.envs import make_env  # noqa: E402
+from mabl.train import EVAL_SEED_OFFSET, evaluate, train  # noqa: E402
+
+
+class RandomPolicy:
+    """Uniform over available actions (discrete) or U[-1, 1] (continuous); the baseline."""
+
+    def __init__(self, spec, seed: int):
+        self.spec = spec
+        self.rng = np.random.default_rng(seed)
+
+    def initial(self, n, device=None):
+        return SimpleNamespace(prev_action=torch.zeros(n, self.spec.action_dim))
+
+    def step(self, obs, avail, carry, deterministic=False):
+        n = self.spec.n_agents
+        if self.spec.discrete:
+            av = np.ones((n, self.spec.action_dim), bool) if avail is None else avail.numpy()
+            act = np.array([self.rng.choice(np.flatnonzero(row)) for row in av])
+            a = torch.as_tensor(act)
+        else:
+            a = torch.as_tensor(self.rng.uniform(-1, 1, (n, self.spec.action_dim)).astype(np.float32))
+        return a, a, carry, None
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_section(name: str, body: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery figure here was written by a script in `benchmarks/`, with its command, commit and machine.\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        post = rest.split(end, 1)[1]
+        text = pre + block + post
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", default="smax:3m")
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--steps", type=int, default=50_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--run-dir")
+    p.add_argument("--report-only", action="store_true", help="do not train; report an existing run directory")
+    p.add_argument("--random-episodes", type=int, default=50)
+    p.add_argument("--name", help="section name in BENCHMARKS.md (default curve:<env>:<preset>:s<seed>)")
+    p.add_argument("--note", default="", help="a sentence added under the table")
+    args = p.parse_args(argv)
+
+    run_dir = Path(args.run_dir or f"runs/bench/{args.env.replace(':', '_').replace('|', '-')}_{args.preset}_s{args.seed}")
+    t0 = time.time()
+    if args.report_only:
+        cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    else:
+        over = parse_set(args.set)
+        over.setdefault("run", {}).update(steps=args.steps, seed=args.seed, run_dir=str(run_dir))
+        cfg = make_config(args.preset, args.env, over)
+        train(cfg, resume=True)
+    rows = list(csv.DictReader((run_dir / "eval.csv").open()))
+    if not rows:
+        raise SystemExit(f"no evaluation rows in {run_dir / 'eval.csv'}")
+    key = "win_rate" if "win_rate" in rows[0] else "return"
+    extra = [k for k in ("arrived_fraction",) if k in rows[0]]
+
+    # random baseline: same env options, same evaluation seeds and episode count as the run's evaluations
+    env = make_env(cfg.run.env, seed=cfg.run.seed + EVAL_SEED_OFFSET, **cfg.run.env_options)
+    rnd = evaluate(env, RandomPolicy(env.spec, args.seed), args.random_episodes,
+                   EVAL_SEED_OFFSET + cfg.run.seed * 7_919, torch.device("cpu"), deterministic=False)
+
+    name = args.name or f"curve:{cfg.run.env}:{cfg.preset}:s{cfg.run.seed}"
+    slug = name.replace(":", "_").replace("|", "-")
+    res_dir = ROOT / "benchmarks" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "curve.png").exists():
+        shutil.copy(run_dir / "curve.png", res_dir / f"{slug}.png")
+    shutil.copy(run_dir / "eval.csv", res_dir / f"{slug}.csv")
+    summary_path = run_dir / "summary.json"
+    wall = json.loads(summary_path.read_text()).get("wall_s") if summary_path.exists() else float(rows[-1]["wall_s"])
+    last = rows[-1]
+    best = max(rows, key=lambda r: float(r[key]))
+    step_idx = np.linspace(0, len(rows) - 1, min(len(rows), 12)).round().astype(int)
+    table = ["| env steps | wall (min) | eval " + key.replace("_", " ") + " | " + " | ".join(extra) + (" |" if extra else ""),
+             "|---|---|---|" + "---|" * len(extra)]
+    for i in sorted(set(step_idx)):
+        r = rows[i]
+        table.append(f"| {int(r['env_steps']):,} | {float(r['wall_s']) / 60:.0f} | {float(r[key]):.3f} | "
+                     + " | ".join(f"{float(r[e]):.3f}" for e in extra) + (" |" if extra else ""))
+    cmd = "python benchmarks/learning_curve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    body = f"""### Learning curve: `{cfg.run.env}`, preset `{cfg.preset}`, seed {cfg.run.seed}
+
+- command: `{cmd}` (training run directory `{run_dir}`)
+- commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}
+- budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={cfg.run.bf16}, model updates/episode={cfg.model.train_steps}, imagination rounds={cfg.ppo.updates})
+- final eval {key.replace('_', ' ')} (greedy, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
+- random policy, same script and evaluation seeds ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}
+- curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`
+
+{chr(10).join(table)}
+"""
+    if args.note:
+        body += f"\n{args.note}\n"
+    write_section(name, body)
+    out = {"env": cfg.run.env, "preset": cfg.preset, "seed": cfg.run.seed, "env_steps": int(last["env_steps"]),
+           key: float(last[key]), f"best_{key}": float(best[key]), f"random_{key}": rnd.get(key), "wall_s": wall,
+           "script_s": round(time.time() - t0, 1)}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
