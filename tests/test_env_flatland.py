@@ -230,7 +230,7 @@ def test_normalize_tree_handles_infinities():
 
 
 def test_errors():
-    with pytest.raises(ConfigError, match=r"'bogus'.*accepted: reward, episode_limit"):
+    with pytest.raises(ConfigError, match=r"'bogus'.*accepted: reward, episode_limit, deadlock_penalty"):
         make_env("flatland:5_agents", bogus=1)
     with pytest.raises(ConfigError, match=r"'dense'.*accepted: shaped, native"):
         make_env("flatland:5_agents", reward="dense")
@@ -259,3 +259,37 @@ def test_module_imports_without_flatland():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "5_agents" in out.stdout
+
+
+def test_missing_dependency_through_registry_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flatland", None)
+    monkeypatch.setitem(sys.modules, "flatland.envs.rail_env", None)
+    with pytest.raises(MissingDependencyError) as e:
+        make_env("flatland:5_agents")
+    assert "pip install 'mabl[flatland]'" in str(e.value) and "flatland-rl" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_deadlock_penalty_option():
+    """Same episodes with and without the penalty: rewards differ by exactly the penalty, once per deadlock."""
+    a_env = make_env("flatland:5_agents", seed=0)
+    b_env = make_env("flatland:5_agents", seed=0, deadlock_penalty=0)
+    assert b_env.deadlock_penalty == 0.0 and a_env.deadlock_penalty == F.DEADLOCK_PENALTY == -5.0
+    rng = np.random.default_rng(0)
+    paid = 0
+    for ep in range(3):
+        a, b = a_env.reset(seed=100 + ep), b_env.reset(seed=100 + ep)
+        prev = np.zeros(5, dtype=bool)
+        while not a.done:
+            acts = random_actions(a_env.spec, a.avail, rng)
+            a, b = a_env.step(acts), b_env.step(acts)
+            dead = a.obs[:, DEADLOCK_FLAG] == 1.0
+            new = dead & ~prev
+            np.testing.assert_allclose(a.reward - b.reward, np.where(new, -5.0, 0.0), atol=1e-5)
+            paid += int(new.sum())
+            prev = dead
+            assert a.terminated == b.terminated and a.truncated == b.truncated
+    assert paid > 0
+    for bad in (1.0, True, "x", float("nan")):
+        with pytest.raises(ConfigError, match="deadlock_penalty must be a number <= 0"):
+            make_env("flatland:5_agents", deadlock_penalty=bad)

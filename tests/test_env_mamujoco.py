@@ -136,3 +136,60 @@ def test_module_imports_without_dependency_and_no_adroit_notice():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Adroit" not in out.stderr + out.stdout
+
+
+def test_symlog_observation_and_state_by_default():
+    raw = make_env("mamujoco:Humanoid-9|8", seed=0, obs_norm="none", reward_scale=1.0)
+    norm = make_env("mamujoco:Humanoid-9|8", seed=0)
+    assert norm.obs_norm == "symlog" and norm.reward_scale == M.REWARD_SCALE["Humanoid-9|8"] == 0.1
+    rng = np.random.default_rng(0)
+    a, b = raw.reset(seed=4), norm.reset(seed=4)
+    for t in range(30):
+        # elementwise and fixed: each agent's normalised obs is a function of its own raw obs only
+        np.testing.assert_allclose(b.obs[:, :242], M.symlog(a.obs[:, :242].astype(np.float64)), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(b.obs[:, 242:], np.eye(2, dtype=np.float32))
+        assert (b.obs[1, 170:242] == 0).all()
+        np.testing.assert_allclose(b.state, M.symlog(a.state.astype(np.float64)), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(b.reward, 0.1 * a.reward, rtol=1e-6)
+        np.testing.assert_allclose(b.info["raw_return"], a.info["raw_return"], rtol=1e-6)
+        if a.done:
+            break
+        act = rng.uniform(-1, 1, (2, 9)).astype(np.float32)
+        a, b = raw.step(act), norm.step(act)
+    assert t > 10
+    # raw values are large (contact forces), normalised ones small
+    assert np.abs(a.state).max() > 20 and np.abs(b.state).max() < 10
+
+
+def test_symlog_by_hand():
+    x = np.array([-np.e + 1, -1.0, 0.0, 0.5, 1000.0])
+    np.testing.assert_allclose(M.symlog(x), [-1.0, -np.log(2), 0.0, np.log(1.5), np.log(1001.0)])
+
+
+def test_raw_return_accumulates_unscaled_reward():
+    env = make_env("mamujoco:HumanoidStandup-9|8", seed=0)
+    assert env.reward_scale == 0.01
+    ts = env.reset(seed=0)
+    assert ts.info["raw_return"] == 0.0
+    total = 0.0
+    for _ in range(5):
+        ts = env.step(np.zeros((2, 9), dtype=np.float32))
+        total += float(ts.reward[0]) / 0.01
+    assert ts.info["raw_return"] == pytest.approx(total, rel=1e-5)
+    assert 10 < ts.info["raw_return"] / 5 < 100  # HumanoidStandup pays ~30 per step
+
+
+def test_option_errors():
+    with pytest.raises(ConfigError, match=r"'zscore'.*symlog, none"):
+        make_env("mamujoco:Humanoid-9|8", obs_norm="zscore")
+    for bad in (0, -1.0, "1", True, float("nan")):
+        with pytest.raises(ConfigError, match="reward_scale must be a positive number"):
+            make_env("mamujoco:Humanoid-9|8", reward_scale=bad)
+
+
+def test_missing_dependency_through_registry_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium_robotics", None)
+    with pytest.raises(MissingDependencyError) as e:
+        make_env("mamujoco:Humanoid-9|8")
+    assert "pip install 'mabl[mamujoco]'" in str(e.value) and "gymnasium-robotics" in str(e.value)
+    assert "\n" not in str(e.value)

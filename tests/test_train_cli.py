@@ -45,13 +45,18 @@ def test_cli_train_then_eval_and_resume(tmp_path, capsys):
             "--set", "run.checkpoint_every=60", "--set", "run.eval_every=1000000", "--no-progress"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # the same directory without --resume is refused (nothing is overwritten)
-    assert main(args) == 2
+    # --no-resume refuses a directory with checkpoints (nothing is overwritten)
+    assert main(args + ["--no-resume"]) == 2
     assert "--resume" in capsys.readouterr().err
-    # resume to a longer budget continues from the checkpoint
-    assert main(["train", "--resume", "--run-dir", str(rd), "--steps", "200", "--no-progress"]) == 0
+    # the same command again resumes by default: the budget is already spent, nothing to do
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["episodes"] == first["episodes"]
+    # resume to a longer budget continues from the checkpoint (old and new spellings)
+    assert main(["train", "--resume", "--run-dir", str(rd), "--steps", "160", "--no-progress"]) == 0
+    mid = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["train", "--resume", str(rd), "--steps", "200", "--no-progress"]) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert second["env_steps"] >= 200 and second["episodes"] > first["episodes"]
+    assert second["env_steps"] >= 200 and second["episodes"] > mid["episodes"] > first["episodes"]
     assert main(["eval", str(rd), "--episodes", "2"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["episodes"] == 2 and 0.0 <= res["win_rate"] <= 1.0 and res["env"] == "smax:3m"

@@ -7,6 +7,8 @@ keys and wrong types with one line naming the key and what is accepted.
 from __future__ import annotations
 
 import json
+import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -80,8 +82,16 @@ class RunConfig:
     keep_checkpoints: int = 3
     log_every: int = 1  # episodes between metric rows
     run_dir: str = ""  # default runs/<env>/<preset>/seed<seed>
-    bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights)
-    compile: bool = False  # torch.compile the hot functions (first compile costs minutes)
+    # Speed switches of the learner update (mabl.fast; none changes the math, all off = plain fp32 eager;
+    # benchmarks/learner_speed.py measures them).
+    bf16: bool = True  # bf16 matmuls (CPU AMX / CUDA tensor cores) with fp32 master weights
+    compile: bool = False  # torch.compile the PPO minibatch losses (first compile costs minutes)
+    fused_recurrence: bool = True  # posterior rollout: split GRU matmul, one matmul per recurrent tensor and step
+    fused_heads: bool = True  # heads sharing an input: one first-layer matmul; imagination reuses the availability head
+    fast_sampling: bool = True  # inverse-CDF categorical samples + analytic straight-through (same distribution)
+    fused_kl: bool = True  # balanced KL computed once, both gradient weights in one analytic backward
+    fast_critic: bool = True  # attention over agents as batched matmuls, no critic-input concat, bf16 PPO features
+    fused_adam: bool = True  # fused Adam kernel + foreach gradient clipping
     threads: int = 0  # torch intra-op threads (0: torch default)
     skip_nonfinite: bool = False  # skip a batch with non-finite loss/grad instead of stopping
     progress: bool = True
@@ -171,6 +181,9 @@ def preset_overrides(preset: str, env: str) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 # Strict construction from dicts / CLI overrides.
 
+_INT_MAX = 2**62  # no config int is larger; keeps absurd values out of numpy/torch
+
+
 def _check_type(section: str, name: str, value: Any, typ: Any) -> Any:
     where = f"{section}.{name}"
     if typ is bool:
@@ -178,14 +191,22 @@ def _check_type(section: str, name: str, value: Any, typ: Any) -> Any:
             return value
         raise ConfigError(f"config key {where} must be a bool (true/false), got {value!r}")
     if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > _INT_MAX:
+                raise ConfigError(f"config key {where} is out of range: {value!r} (at most {_INT_MAX})")
+            return value
         raise ConfigError(f"config key {where} must be an int, got {value!r}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                out = float(value)
+            except OverflowError:
+                out = math.inf
+            if not math.isfinite(out):
+                raise ConfigError(f"config key {where} must be a finite number, got {value!r}")
+            return out
         raise ConfigError(f"config key {where} must be a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):
@@ -218,8 +239,21 @@ _CHOICES = {
 _POSITIVE = {
     "model": ("hidden", "layers", "deter", "embed", "n_categoricals", "n_classes", "batch_size", "seq_len", "capacity"),
     "ppo": ("hidden", "layers", "horizon", "updates", "epochs", "minibatch", "imagine_batch", "imagine_seq_len", "attention_heads"),
-    "run": ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "train_every"),
+    "run": ("steps", "eval_every", "eval_episodes", "checkpoint_every", "keep_checkpoints", "log_every", "train_every"),
 }
+_POSITIVE_FLOAT = {
+    "model": ("lr", "grad_clip"),
+    "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip"),
+}
+_NON_NEGATIVE = {"model": ("kl_scale",), "ppo": ("entropy",), "run": ("min_buffer", "threads")}
+# sizes that would only ever be typos; they keep a config from asking for terabytes
+_AT_MOST = {
+    ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,
+    ("model", "n_categoricals"): 4096, ("model", "n_classes"): 4096, ("model", "capacity"): 100_000_000,
+    ("ppo", "hidden"): 65_536, ("ppo", "layers"): 64, ("ppo", "attention_heads"): 1024,
+    ("run", "threads"): 4096, ("run", "seed"): 2**32 - 1,
+}
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def validate(cfg: Config) -> Config:
@@ -232,6 +266,32 @@ def validate(cfg: Config) -> Config:
             val = getattr(getattr(cfg, sec), key)
             if val <= 0:
                 raise ConfigError(f"config key {sec}.{key} must be > 0, got {val!r}")
+    for sec, keys in _POSITIVE_FLOAT.items():
+        for key in keys:
+            val = getattr(getattr(cfg, sec), key)
+            if not val > 0:
+                raise ConfigError(f"config key {sec}.{key} must be > 0, got {val!r}")
+    for sec, keys in _NON_NEGATIVE.items():
+        for key in keys:
+            val = getattr(getattr(cfg, sec), key)
+            if val < 0:
+                raise ConfigError(f"config key {sec}.{key} must be >= 0, got {val!r}")
+    for (sec, key), hi in _AT_MOST.items():
+        val = getattr(getattr(cfg, sec), key)
+        if val > hi:
+            raise ConfigError(f"config key {sec}.{key} must be at most {hi}, got {val!r}")
+    if cfg.run.seed < 0:
+        raise ConfigError(f"config key run.seed must be >= 0, got {cfg.run.seed!r}")
+    if not 0.0 < cfg.ppo.entropy_annealing <= 1.0:
+        raise ConfigError(f"config key ppo.entropy_annealing must be in (0, 1], got {cfg.ppo.entropy_annealing!r}")
+    if not _DEVICE.match(cfg.run.device):
+        raise ConfigError(f"bad device {cfg.run.device!r} (run.device); accepted: auto, cpu, cuda, cuda:N")
+    if not cfg.run.env or not isinstance(cfg.run.env, str):
+        raise ConfigError(f"config key run.env must be SUITE:TASK (e.g. smax:3m), got {cfg.run.env!r}")
+    try:
+        json.dumps(cfg.run.env_options)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key run.env_options must be a JSON object, got {cfg.run.env_options!r}") from None
     for sec, key in (("model", "kl_balance"), ("ppo", "gamma"), ("ppo", "gae_lambda")):
         val = getattr(getattr(cfg, sec), key)
         if not 0.0 <= val <= 1.0:
@@ -293,17 +353,26 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """A JSON file ``{"preset": ..., "model": {...}, "ppo": {...}, "run": {...}}``."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"config file {str(p)!r} does not exist" if not p.exists() else
+                          f"config file {str(p)!r} is not a file")
     try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid JSON: {e}") from None
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(f"config file {str(p)!r} is not valid JSON: {msg}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a JSON object, got {type(data).__name__}")
     allowed = ["preset", *SECTIONS]
     for k in data:
         if k not in allowed:
             raise one_of("top-level config key", k, allowed)
+    if "preset" in data and not isinstance(data["preset"], str):
+        raise one_of("preset", data["preset"], PRESETS)
+    for sec in SECTIONS:
+        if sec in data and not isinstance(data[sec], dict):
+            raise ConfigError(f"config section '{sec}' in {str(p)!r} must be a JSON object, got {type(data[sec]).__name__}")
     return data
 
 
@@ -323,7 +392,52 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return validate(Config(preset=cfg.preset, **{s: _build_section(s, SECTIONS[s], v) for s, v in full.items()}))
 
 
+def check_env_name(name: str) -> None:
+    """``SUITE:TASK`` names a known suite and task; fails before anything is built or written."""
+    from mabl.envs import parse_env_name, suite_module
+
+    suite, task = parse_env_name(name)
+    try:
+        mod = suite_module(suite)
+    except ImportError:
+        return  # building the env reports the missing dependency
+    if task not in mod.TASKS:
+        unbuildable = getattr(mod, "UNBUILDABLE", {})
+        if task in unbuildable:
+            raise ConfigError(f"{suite} map {task!r} cannot be built: {unbuildable[task]}; "
+                              f"available: {', '.join(mod.TASKS)}")
+        raise one_of(f"{suite} task", task, mod.TASKS)
+
+
+# What a resumed run must keep: every network/optimiser/schedule key (model.*, ppo.*) and the
+# run keys that define the data stream. The other run.* keys (budget, logging, checkpoints,
+# device, threads, speed switches such as bf16/compile/fused_*) may change on resume.
+RESUME_STRICT_RUN = frozenset({"run.env", "run.seed", "run.env_options", "run.min_buffer", "run.train_every"})
+
+
+def resume_safe(key: str) -> bool:
+    return key.startswith("run.") and key not in RESUME_STRICT_RUN
+
+
+def _flat(d: dict) -> dict[str, Any]:
+    return {f"{sec}.{k}": v for sec in SECTIONS for k, v in (d.get(sec) or {}).items()}
+
+
+def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """``["model.hidden: 32 in the checkpoint, 64 now", ...]`` for keys a resume may not change."""
+    if not isinstance(saved, dict):
+        return [f"config: {type(saved).__name__} in the checkpoint, a mapping now"]
+    try:
+        old = _flat(config_from_dict(saved).to_dict())
+    except ConfigError as e:
+        return [f"config not valid in this version ({e})"]
+    new = _flat(cfg.to_dict())
+    return [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+            for k in sorted(set(old) | set(new)) if not resume_safe(k) and old.get(k) != new.get(k)]
+
+
 __all__ = [
     "Config", "WorldModelConfig", "PPOConfig", "RunConfig", "PRESETS", "make_config", "parse_set",
-    "load_config_file", "config_from_dict", "replace", "preset_overrides",
+    "load_config_file", "config_from_dict", "replace", "preset_overrides", "config_differences", "RESUME_STRICT_RUN", "resume_safe",
+    "check_env_name",
 ]

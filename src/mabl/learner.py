@@ -18,6 +18,7 @@ from mabl.buffer import ReplayBuffer
 from mabl.config import Config
 from mabl.envs.base import EnvSpec
 from mabl.errors import DivergenceError
+from mabl.fast import Speed, clip_grad_norm, fused_adam
 from mabl.mappo import MAPPO
 from mabl.world_model import BiLevelWorldModel
 
@@ -69,8 +70,9 @@ class MABLLearner:
                  make_algorithm: Callable | None = None):
         self.spec, self.cfg = spec, cfg
         self.device = torch.device(device)
-        self.model = BiLevelWorldModel(spec, cfg.model).to(self.device)
-        self.model_opt = torch.optim.Adam(self.model.parameters(), lr=cfg.model.lr)
+        self.speed = Speed.from_run(cfg.run)
+        self.model = BiLevelWorldModel(spec, cfg.model, speed=self.speed).to(self.device)
+        self.model_opt = fused_adam(self.model.parameters(), cfg.model.lr, self.speed.fused_adam)
         self.algo = (make_algorithm or MAPPO)(spec, self.model, cfg.ppo).to(self.device)
         self.policy = DecentralizedPolicy(self.model, self.algo.actor)
         self.guard = NonFiniteGuard(cfg.run.skip_nonfinite)
@@ -89,7 +91,10 @@ class MABLLearner:
             loss, metrics, _ = self.model.loss(batch)
         self.model_opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.model.grad_clip)
+        if self.speed.fused_adam:
+            norm = clip_grad_norm(self.model.parameters(), self.cfg.model.grad_clip, foreach=True)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.model.grad_clip)
         self.guard.step += 1
         if self.guard("world_model_loss", loss.detach(), norm):
             self.model_opt.step()
@@ -123,16 +128,21 @@ class MABLLearner:
         try:
             t_imag = 0.0
             for _ in range(pc.updates):
+                ts = time.perf_counter()
                 batch = buffer.sample(pc.imagine_batch, pc.imagine_seq_len, rng, self.device)
                 starts = self.starts(batch)
+                t_imag += time.perf_counter() - ts
                 a = self.algo.train_round(self.model, starts, self.autocast, self.guard)
+                t_imag += float(getattr(self.algo, "timings", {}).get("imagine_s", 0.0))
             metrics.update({f"policy/{k}": v for k, v in a.items()})
         finally:
             for p in self.model.parameters():
                 p.requires_grad_(True)
         t2 = time.perf_counter()
         self.updates += 1
-        self.timings = {"model_s": t1 - t0, "policy_s": t2 - t1, "update_s": t2 - t0}
+        # model_s: world-model steps; imagine_s: imagination starts + rollouts; policy_s: the rest
+        # (values, GAE, PPO epochs); update_s = model_s + imagine_s + policy_s
+        self.timings = {"model_s": t1 - t0, "imagine_s": t_imag, "policy_s": t2 - t1 - t_imag, "update_s": t2 - t0}
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         return metrics
 

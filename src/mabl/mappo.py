@@ -6,6 +6,7 @@ The algorithm sits behind :class:`Algorithm` so another MARL method can be plugg
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from mabl.config import PPOConfig
 from mabl.envs.base import EnvSpec
-from mabl.nets import mlp
+from mabl.fast import PLAIN, Caster, FusedLinears, agent_attention, clip_grad_norm, fused_adam, mlp_forward, mlp_tail, no_autocast
+from mabl.nets import gru_update, mlp
 from mabl.policy import Actor
 from mabl.world_model import BiLevelWorldModel, LatentState
 
@@ -74,6 +76,29 @@ class AttentionCritic(nn.Module):
         h = self.norm(e + a)
         return self.out(h).squeeze(-1).reshape(*lead, x.shape[-2]).float()
 
+    def forward_split(self, xs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """``forward(torch.cat(xs, -1))`` without the concatenation (``Speed.fast_critic``).
+
+        The embedding is one matmul per input part; the attention across agents is
+        :func:`mabl.fast.agent_attention` (all heads in one batched matmul, a small-dim softmax);
+        matmuls in ``dtype``, LayerNorm in fp32. Same math as :meth:`forward`.
+        """
+        lead, n = xs[0].shape[:-2], xs[0].shape[-2]
+        w, off, pre = self.embed.weight, 0, None
+        for x in xs:
+            d = x.shape[-1]
+            y = F.linear(x.to(dtype), w[:, off:off + d].to(dtype), self.embed.bias.to(dtype) if off == 0 else None)
+            pre = y if pre is None else pre + y
+            off += d
+        e = F.relu(pre).reshape(-1, n, self.embed.out_features)
+        E = e.shape[-1]
+        wi, bi = self.attn.in_proj_weight.to(dtype), self.attn.in_proj_bias.to(dtype)
+        q, k, v = (F.linear(e, wi[i * E:(i + 1) * E], bi[i * E:(i + 1) * E]) for i in range(3))
+        a = agent_attention(q, k, v, self.attn.num_heads)
+        a = F.linear(a, self.attn.out_proj.weight.to(dtype), self.attn.out_proj.bias.to(dtype))
+        h = F.layer_norm((e + a).float(), (E,), self.norm.weight, self.norm.bias, self.norm.eps)
+        return mlp_forward(self.out, h, dtype).squeeze(-1).reshape(*lead, n).float()
+
 
 @dataclass
 class Imagined:
@@ -92,6 +117,8 @@ class Imagined:
 def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int) -> Imagined:
     """Roll the priors ``horizon`` steps with the actor (§3.3): mask actions with the predicted
     availability, predict reward and termination after every step. No gradients flow."""
+    if getattr(model, "speed", PLAIN).fused_heads:
+        return _imagine_fused(model, actor, start, horizon)
     st = start
     feats_a, feats_g, raws, logps, avails, rews, conts = [], [], [], [], [], [], []
     for _ in range(horizon):
@@ -113,6 +140,102 @@ def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon:
         feat_a=torch.stack(feats_a), feat_g=None if fg is None else torch.stack(feats_g),
         raw=torch.stack(raws), logp=torch.stack(logps), avail=torch.stack(avails) if avails else None,
         reward=torch.stack(rews), cont=torch.stack(conts),
+    )
+
+
+@torch.no_grad()
+def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int) -> Imagined:
+    """:func:`imagine` with every matmul of a state tensor done once for all its consumers.
+
+    The features ``fa = [z^a, h^a]`` and ``fg = [z^g, h^g]`` of each imagined state are written
+    once into the trajectory buffers and feed the first layers of the reward/termination/
+    availability heads and of the actor in one matmul each; inside the transition ``h^a``,
+    ``h^g``, ``z^g`` and ``z^a`` are each multiplied once for the priors and the next step's GRU
+    parts and inputs. The availability head is evaluated once per state (the plain path
+    evaluates it twice). Features are stored in the compute dtype (what the bf16 actor/critic
+    consume anyway). Same distributions and sampling order as :func:`imagine`.
+    """
+    sp = model.speed
+    dt = sp.dtype
+    cfg = model.cfg
+    D, S, H = cfg.deter, model.stoch, cfg.hidden
+    M, N = start.h_a.shape[:2]
+    bil = model.bilevel
+    with no_autocast(start.h_a.device.type):
+        c = Caster(dt)
+        ain, ag, ap = model.agent_in, model.agent_gru.lin, model.agent_prior[0]
+        fl = FusedLinears(dt)
+        # heads and actor: first layers on fa (+ fg)
+        fl.add("reward", model.reward_head[0].bias, {"fa": model.reward_head[0].weight})
+        both = [("cont", model.cont_head)] + ([("avail", model.avail_head)] if model.avail_head is not None else [])
+        for name, net in both:
+            w = net[0].weight
+            fl.add(name, net[0].bias, {"fa": w[:, :S + D], "fg": w[:, S + D:]} if bil else {"fa": w})
+        fl.add("actor", actor.net[0].bias, {"fa": actor.net[0].weight})
+        # the transition: next inputs, GRU recurrent parts, priors
+        fl.add("in_a", ain.parts[0].bias, {"z_a": ain.parts[0].weight})
+        fl.add("prior_a", ap.parts[0].bias, {"h_a": ap.parts[0].weight, "z_g": ap.parts[1].weight} if bil else {"h_a": ap.parts[0].weight})
+        fl.add("gru_a", None, {"h_a": ag.weight[:, H:]})
+        if bil:
+            gin, gg, gp = model.global_in, model.global_gru.lin, model.global_prior
+            fl.add("in_g", gin.parts[0].bias, {"z_g": gin.parts[0].weight})
+            fl.add("prior_g", gp[0].bias, {"h_g": gp[0].weight})
+            fl.add("gru_g", None, {"h_g": gg.weight[:, H:]})
+            Wx_g, b_g, W_ja = c(gg.weight[:, :H]), c(gg.bias), c(gin.parts[1].weight)
+        fl.build()
+        Wx_a, b_a, W_aa = c(ag.weight[:, :H]), c(ag.bias), c(ain.parts[1].weight)
+
+        h_a, z_a = start.h_a.float(), start.z_a.to(dt)
+        dev = h_a.device
+        fa_buf = torch.empty(horizon + 1, M, N, S + D, dtype=dt, device=dev)
+        fg_buf = torch.empty(horizon + 1, M, N, S + D, dtype=dt, device=dev) if bil else None
+        if bil:
+            h_g, z_g = start.h_g.float(), start.z_g.to(dt)
+            p_zg, p_hg = fl.project("z_g", z_g), fl.project("h_g", h_g.to(dt))
+        else:
+            p_zg = p_hg = None
+        p_za, p_ha = fl.project("z_a", z_a), fl.project("h_a", h_a.to(dt))
+        raws, logps, avails, rews, conts = [], [], [], [], []
+        for t in range(horizon + 1):
+            fa_buf[t, ..., :S] = z_a
+            fa_buf[t, ..., S:] = h_a
+            if bil:
+                fg_buf[t, ..., :S] = model._expand_g(z_g)
+                fg_buf[t, ..., S:] = model._expand_g(h_g)
+            p_fa = fl.project("fa", fa_buf[t])
+            p_fg = fl.project("fg", fg_buf[t]) if bil else None
+            if t > 0:  # reward and termination of the transition into state t
+                rews.append(mlp_tail(model.reward_head, fl.out("reward", p_fa), c).squeeze(-1).float())
+                cont = mlp_tail(model.cont_head, fl.out("cont", p_fa, p_fg), c).squeeze(-1).float()
+                conts.append(torch.sigmoid(cont))
+            if t == horizon:
+                break
+            avail = None
+            if model.avail_head is not None:
+                a_logits = mlp_tail(model.avail_head, fl.out("avail", p_fa, p_fg), c)
+                avail = torch.bernoulli(torch.sigmoid(a_logits.float())).bool()
+                avails.append(avail)
+            out = mlp_tail(actor.net, fl.out("actor", p_fa), c)
+            raw, _, logp = actor.sample_from_params(*actor.params_from_out(out, avail))
+            raws.append(raw), logps.append(logp)
+            act = actor.env_to_model_action(raw).to(dt)
+            # transition (prior step), as BiLevelWorldModel.imagine_step
+            x = F.relu(fl.out("in_a", p_za) + F.linear(act, W_aa))
+            h_a = gru_update(F.linear(x, Wx_a, b_a) + fl.out("gru_a", p_ha), h_a, D)
+            p_ha = fl.project("h_a", h_a.to(dt))
+            if bil:
+                jact = F.linear(act.flatten(-2), W_ja).unsqueeze(-2)  # [M,1,H]: the joint action, for every global latent
+                xg = F.relu(fl.out("in_g", p_zg) + jact)
+                h_g = gru_update(F.linear(xg, Wx_g, b_g) + fl.out("gru_g", p_hg), h_g, D)
+                p_hg = fl.project("h_g", h_g.to(dt))
+                z_g = model._sample(mlp_tail(model.global_prior, fl.out("prior_g", p_hg), c), True, dt)
+                p_zg = fl.project("z_g", z_g)
+            z_a = model._sample(mlp_tail(model.agent_prior, fl.out("prior_a", p_ha, p_zg), c), True, dt)
+            if t < horizon - 1:
+                p_za = fl.project("z_a", z_a)
+    return Imagined(
+        feat_a=fa_buf, feat_g=fg_buf, raw=torch.stack(raws), logp=torch.stack(logps),
+        avail=torch.stack(avails) if avails else None, reward=torch.stack(rews), cont=torch.stack(conts),
     )
 
 
@@ -141,9 +264,13 @@ class MAPPO(nn.Module):
         self.critic_input = cfg.critic_input if model.bilevel else "agent"
         cin = {"global+agent": model.feat_a + model.feat_g, "global": model.feat_g, "agent": model.feat_a}[self.critic_input]
         self.critic = AttentionCritic(cin, cfg.hidden, cfg.layers, cfg.attention_heads)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        fused = getattr(model, "speed", PLAIN).fused_adam
+        self._foreach_clip = fused
+        self.actor_opt = fused_adam(self.actor.parameters(), cfg.actor_lr, fused)
+        self.critic_opt = fused_adam(self.critic.parameters(), cfg.critic_lr, fused)
         self.entropy_coef = cfg.entropy
+        self.timings: dict[str, float] = {}
+        self._compiled = None
 
     def critic_features(self, fa: torch.Tensor, fg: torch.Tensor | None) -> torch.Tensor:
         if self.critic_input == "agent":
@@ -163,10 +290,18 @@ class MAPPO(nn.Module):
         self.entropy_coef = float(state["entropy_coef"])
 
     def train_round(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:
-        """One imagination round + ``epochs`` PPO epochs (Table 3: one of the 4 'updates')."""
+        """One imagination round + ``epochs`` PPO epochs (Table 3: one of the 4 'updates').
+
+        ``self.timings['imagine_s']`` holds the time spent imagining (the rest is policy learning).
+        """
+        if getattr(model, "speed", PLAIN).fast_critic:
+            return self._train_round_fast(model, starts, autocast, guard)
         cfg = self.cfg
+        t0 = time.perf_counter()
         with autocast():
             traj = imagine(model, self.actor, starts, cfg.horizon)
+        self.timings = {"imagine_s": time.perf_counter() - t0}
+        with autocast():
             with torch.no_grad():
                 cin = self.critic_features(traj.feat_a, traj.feat_g)
                 values = self.critic(cin)
@@ -206,10 +341,92 @@ class MAPPO(nn.Module):
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
         return out
 
+    def _train_round_fast(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:
+        """:meth:`train_round` with ``Speed.fast_critic``: features kept in the compute dtype (no
+        2560-wide critic input is ever built), critic values of all imagined states in chunked
+        no-grad passes, the critic via :meth:`AttentionCritic.forward_split`. Same losses, same
+        minibatch order, same optimizer steps."""
+        cfg, sp = self.cfg, model.speed
+        dt = sp.dtype
+        t0 = time.perf_counter()
+        with autocast():
+            traj = imagine(model, self.actor, starts, cfg.horizon)
+        self.timings = {"imagine_s": time.perf_counter() - t0}
+        fa = traj.feat_a.to(dt)
+        fg = None if traj.feat_g is None else traj.feat_g.to(dt)
+        parts = {"global+agent": lambda a, g: [a, g], "global": lambda a, g: [g], "agent": lambda a, g: [a]}[self.critic_input]
+        dev = fa.device.type
+        with torch.no_grad(), no_autocast(dev):
+            Hp1, M = fa.shape[:2]
+            flat_a, flat_g = fa.flatten(0, 1), None if fg is None else fg.flatten(0, 1)
+            chunk = max(1, 8192 // max(1, fa.shape[2]) * 4)
+            values = torch.cat([self.critic.forward_split(parts(flat_a[i:i + chunk], None if flat_g is None else flat_g[i:i + chunk]), dt)
+                                for i in range(0, flat_a.shape[0], chunk)]).view(Hp1, M, -1)
+        reward = traj.reward.mean(-1, keepdim=True).expand_as(traj.reward) if cfg.team_reward else traj.reward
+        adv, ret = gae(reward, values, traj.cont, cfg.gamma, cfg.gae_lambda)
+        weight = reach_weights(traj.cont)
+        if cfg.normalize_advantage:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+        H, M = traj.raw.shape[:2]
+        K = H * M
+        flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
+        fa_k, fg_k = flat(fa[:-1]), flat(None if fg is None else fg[:-1])
+        raw, logp_old, avail = flat(traj.raw), flat(traj.logp), flat(traj.avail)
+        adv, ret, weight = flat(adv), flat(ret), flat(weight)
+        actor_fn, critic_fn = self._loss_fns(sp)
+        stats = {"actor_loss": 0.0, "critic_loss": 0.0, "entropy": 0.0, "n": 0}
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(K, device=fa.device)
+            for i in range(0, K, cfg.minibatch):
+                idx = perm[i:i + cfg.minibatch]
+                w = weight[idx]
+                a_mb = fa_k.index_select(0, idx)
+                g_mb = None if fg_k is None else fg_k.index_select(0, idx)
+                with no_autocast(dev):
+                    actor_loss, ent = actor_fn(a_mb, raw[idx], None if avail is None else avail[idx], logp_old[idx], adv[idx], w,
+                                               self.entropy_coef)
+                self._step(self.actor_opt, self.actor, actor_loss, guard, "actor_loss")
+                self.entropy_coef *= cfg.entropy_annealing
+                with no_autocast(dev):
+                    critic_loss = critic_fn(parts(a_mb, g_mb), ret[idx], w)
+                self._step(self.critic_opt, self.critic, critic_loss, guard, "critic_loss")
+                stats["actor_loss"] += float(actor_loss.detach())
+                stats["critic_loss"] += float(critic_loss.detach())
+                stats["entropy"] += float(ent)
+                stats["n"] += 1
+        n = max(stats.pop("n"), 1)
+        out = {k: v / n for k, v in stats.items()}
+        out.update(imag_reward=float(traj.reward.mean()), imag_cont=float(traj.cont.mean()),
+                   value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
+        return out
+
+    def _loss_fns(self, sp):
+        """The minibatch losses of the fast path (optionally ``torch.compile``d)."""
+        dt, cfg = sp.dtype, self.cfg
+
+        def actor_loss(fa, raw, avail, logp_old, adv, w, ent_coef):
+            out = mlp_forward(self.actor.net, fa, dt)
+            logp, ent = self.actor.log_prob_entropy_from_params(*self.actor.params_from_out(out, avail), raw)
+            pg = ppo_clip_loss(logp, logp_old, adv, cfg.clip)
+            return (w * (pg - ent_coef * ent)).mean(), ent.detach().mean()
+
+        def critic_loss(xs, ret, w):
+            v = self.critic.forward_split(xs, dt)
+            return (w * 0.5 * (v - ret) ** 2).mean()
+
+        if not sp.compile:
+            return actor_loss, critic_loss
+        if self._compiled is None:
+            self._compiled = (torch.compile(actor_loss, dynamic=False), torch.compile(critic_loss, dynamic=False))
+        return self._compiled
+
     def _step(self, opt, net, loss, guard, name):
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+        if self._foreach_clip:
+            norm = clip_grad_norm(net.parameters(), self.cfg.grad_clip, foreach=True)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
         if guard is not None and not guard(name, loss, norm):
             opt.zero_grad(set_to_none=True)
             return

@@ -54,11 +54,16 @@ class GRUCell(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         parts = self.lin(torch.cat([x, h], -1))
-        reset, cand, update = parts.float().split(self.size, -1)
-        reset = torch.sigmoid(reset)
-        cand = torch.tanh(reset * cand)
-        update = torch.sigmoid(update - 1.0)
-        return (update * cand + (1.0 - update) * h.float()).to(h.dtype)
+        return gru_update(parts, h, self.size).to(h.dtype)
+
+
+def gru_update(parts: torch.Tensor, h: torch.Tensor, size: int) -> torch.Tensor:
+    """The gate arithmetic of :class:`GRUCell` given ``parts = W[x, h] + b`` (computed in fp32)."""
+    reset, cand, update = parts.float().split(size, -1)
+    reset = torch.sigmoid(reset)
+    cand = torch.tanh(reset * cand)
+    update = torch.sigmoid(update - 1.0)
+    return update * cand + (1.0 - update) * h.float()
 
 
 def sample_onehot(logits: torch.Tensor, straight_through: bool = True) -> torch.Tensor:

@@ -46,7 +46,11 @@ class Actor(nn.Module):
         self.net = mlp(in_dim, hidden, layers, action_dim if discrete else 2 * action_dim)
 
     def params(self, feat: torch.Tensor, avail: torch.Tensor | None = None):
-        out = self.net(feat).float()
+        return self.params_from_out(self.net(feat), avail)
+
+    def params_from_out(self, out: torch.Tensor, avail: torch.Tensor | None = None):
+        """Distribution parameters from the network output (for callers that run ``net`` fused)."""
+        out = out.float()
         if self.discrete:
             return masked_logits(out, avail), None
         mean, log_std = out.chunk(2, -1)
@@ -54,7 +58,9 @@ class Actor(nn.Module):
 
     def sample(self, feat, avail=None, deterministic: bool = False):
         """Returns ``(raw, env_action, log_prob)``: raw is the index / pre-squash u."""
-        p, log_std = self.params(feat, avail)
+        return self.sample_from_params(*self.params(feat, avail), deterministic=deterministic)
+
+    def sample_from_params(self, p, log_std, deterministic: bool = False):
         if self.discrete:
             if deterministic:
                 idx = p.argmax(-1)
@@ -66,7 +72,9 @@ class Actor(nn.Module):
         return u, torch.tanh(u), tanh_gaussian_log_prob(u, p, log_std)
 
     def log_prob_entropy(self, feat, raw, avail=None):
-        p, log_std = self.params(feat, avail)
+        return self.log_prob_entropy_from_params(*self.params(feat, avail), raw)
+
+    def log_prob_entropy_from_params(self, p, log_std, raw):
         if self.discrete:
             logp_all = p.log_softmax(-1)
             logp = logp_all.gather(-1, raw.long().unsqueeze(-1)).squeeze(-1)

@@ -9,9 +9,19 @@
     every ``checkpoint_every`` env steps: an atomic checkpoint (exact resume)
 
 Everything is written under the run directory: ``config.json``, ``metrics.jsonl`` (one row
-per episode), ``eval.csv``, TensorBoard events in ``tb/``, ``curve.png`` and
-``checkpoints/ckpt_<steps>.pt``. All randomness (torch, numpy, episode seeds) derives from
-``run.seed`` and is checkpointed, so a resumed run continues exactly where it stopped.
+per episode), ``eval.csv``, TensorBoard events in ``tb/``, ``curve.png``,
+``checkpoints/ckpt_<steps>.pt`` and the buffer shards they list in ``checkpoints/buffer/``
+(see :mod:`mabl.checkpoint`).
+
+Exact resume: a checkpoint holds the networks, optimizer states, the MAPPO entropy schedule
+(as an exact float), the model buffer, the torch (CPU and CUDA), numpy and Python RNG states,
+the step/episode/schedule counters and the guard's counters. Episode seeds derive from the
+episode index and every env reset is seeded, so the env needs no saved state; evaluation
+saves and restores the torch RNG. On resume, ``metrics.jsonl`` and ``eval.csv`` rows logged
+after the checkpoint are dropped (they will be produced again) and TensorBoard purges its
+events past that step: a run killed at any moment and resumed logs the same rows as an
+uninterrupted one (bit-exact on CPU with fp32; tests/test_reliability.py checks it).
+A run directory is locked (``.lock``) while a process trains in it.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import csv
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +40,11 @@ import torch
 
 from mabl.agent import DecentralizedPolicy
 from mabl.buffer import ReplayBuffer
-from mabl.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
-from mabl.config import Config, config_from_dict
+from mabl.checkpoint import (atomic_write_text, list_checkpoints, load_buffer, load_checkpoint, load_latest,
+                             peek_checkpoint, remove_stale_temporaries, save_buffer, save_checkpoint)
+from mabl.config import Config, check_env_name, config_from_dict, config_differences
 from mabl.envs.base import MultiAgentEnv
-from mabl.errors import CheckpointError
+from mabl.errors import CheckpointError, ConfigError, DivergenceError, warn
 from mabl.learner import MABLLearner, resolve_device
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation episodes never share a seed with training episodes
@@ -45,7 +57,7 @@ def resolve_run_dir(cfg: Config, run_dir: str | Path | None = None) -> Path:
 def refuse_overwrite(run_dir: Path) -> None:
     if list_checkpoints(run_dir / "checkpoints"):
         raise CheckpointError(f"run directory {str(run_dir)!r} already holds checkpoints; "
-                              "pass --resume to continue it or choose another --run-dir")
+                              "continue it with --resume (the default) or choose another --run-dir")
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -106,15 +118,64 @@ def run_episode(env: MultiAgentEnv, policy: DecentralizedPolicy, seed: int, dete
 
 
 def evaluate(env: MultiAgentEnv, policy: DecentralizedPolicy, episodes: int, seed: int,
-             device: torch.device, deterministic: bool = True) -> dict[str, float]:
-    """Greedy (or sampled) evaluation episodes: mean return, length, win rate, suite metrics."""
+             device: torch.device, deterministic: bool = True, with_ci: bool = False) -> dict[str, Any]:
+    """Greedy (or sampled) evaluation episodes: mean return, length, win rate, suite metrics.
+
+    ``with_ci`` adds 95% confidence intervals: Wilson for the win rate, Student t for the
+    mean return (``win_rate_ci95``, ``return_ci95``, ``return_std``).
+    """
     stats = [run_episode(env, policy, seed + k, deterministic, device, record=False)[1] for k in range(episodes)]
-    out = {"return": float(np.mean([s.ret for s in stats])), "length": float(np.mean([s.length for s in stats]))}
+    rets = [s.ret for s in stats]
+    out: dict[str, Any] = {"return": float(np.mean(rets)), "length": float(np.mean([s.length for s in stats]))}
     if env.spec.has_win:
         out["win_rate"] = float(np.mean([bool(s.won) for s in stats]))
     for key in stats[0].info if stats else []:
         out[key] = float(np.mean([s.info.get(key, 0.0) for s in stats]))
+    if with_ci:
+        out["return_std"] = float(np.std(rets, ddof=1)) if len(rets) > 1 else 0.0
+        out["return_ci95"] = list(mean_ci(rets))
+        if env.spec.has_win:
+            out["win_rate_ci95"] = list(wilson_ci(sum(bool(s.won) for s in stats), len(stats)))
     return out
+
+
+Z95 = 1.959963984540054
+# Student t 0.975 quantiles for 1..30 degrees of freedom (beyond: Cornish-Fisher expansion)
+_T975 = (12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851, 2.364624252,
+         2.306004135, 2.262157163, 2.228138852, 2.200985160, 2.178812830, 2.160368656, 2.144786688,
+         2.131449546, 2.119905299, 2.109815578, 2.100922040, 2.093024054, 2.085963447, 2.079613845,
+         2.073873068, 2.068657610, 2.063898562, 2.059538553, 2.055529439, 2.051830516, 2.048407142,
+         2.045229642, 2.042272456)
+
+
+def t975(df: int) -> float:
+    if df <= 0:
+        return math.inf
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = Z95
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def wilson_ci(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (sound at 0/n and n/n)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """95% Student t interval for the mean; unbounded for fewer than two values."""
+    x = np.asarray(values, np.float64)
+    if len(x) < 2:
+        return (-math.inf, math.inf)
+    m = float(x.mean())
+    half = t975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return (m - half, m + half)
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,7 +184,7 @@ def evaluate(env: MultiAgentEnv, policy: DecentralizedPolicy, episodes: int, see
 class RunLogger:
     """metrics.jsonl (every episode), eval.csv, TensorBoard and a PNG learning curve."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
         self.dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.csv"
@@ -132,7 +193,9 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                # on resume, TensorBoard drops the events a killed run wrote after the checkpoint
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency, but stay usable without it
                 self.tb = None
 
@@ -219,6 +282,38 @@ def _leading_int(line: str) -> float:
 # ------------------------------------------------------------------------------------------
 # The loop
 
+class RunLock:
+    """An exclusive lock on ``<run_dir>/.lock`` for the life of a run: two processes never write
+    one run directory. The OS drops it when the process ends, SIGKILL included."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            raise CheckpointError(f"run directory {str(self.path.parent)!r} is in use by another mabl process "
+                                  f"(pid {other}); wait for it to end or choose another --run-dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
 class Trainer:
     """State of one run: env, learner, buffer, counters, RNGs; ``run()`` drives Algorithm 1."""
 
@@ -229,6 +324,7 @@ class Trainer:
         if rc.threads > 0:
             torch.set_num_threads(rc.threads)
         torch.manual_seed(rc.seed)
+        random.seed(rc.seed)
         self.rng = np.random.default_rng(rc.seed)
         self.device = resolve_device(rc.device)
         self.env = make_env(rc.seed)
@@ -241,57 +337,117 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.env_steps = 0
         self.episodes = 0
+        self.stream_total = 0  # buffer rows ever added (the buffer holds the newest len(buffer))
         self.wall = 0.0  # training wall time, summed across resumes
         self.next_eval = rc.eval_every
         self.next_ckpt = rc.checkpoint_every
         self.last_eval: dict[str, float] = {}
         self.logger: RunLogger | None = None
+        self._buffer_entry: dict | None = None  # the buffer entry of the last checkpoint saved/loaded
+        self.checkpoint_stats: list[dict[str, float]] = []  # write time and size of each save
 
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self, with_buffer: bool = True) -> dict:
+    def meta(self) -> dict[str, str]:
+        return {"learner": type(self.learner).__name__, "algorithm": type(getattr(self.learner, "algo", None)).__name__}
+
+    def state_dict(self, buffer_entry: dict | None = None) -> dict:
+        """Everything a resume needs; the buffer is referenced through ``buffer_entry`` (shards)."""
+        g = self.learner.guard
+        algo = getattr(self.learner, "algo", None)
+        exact = {}
+        if isinstance(getattr(algo, "entropy_coef", None), float):  # the algo saves it as float32
+            exact["entropy_coef"] = repr(algo.entropy_coef)
+        rng = {"numpy": json.dumps(self.rng.bit_generator.state), "torch": torch.get_rng_state(),
+               "python": json.dumps(random.getstate())}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["torch_cuda"] = torch.cuda.get_rng_state_all()
         return {
             "config": self.cfg.to_json(),
             "spec": json.dumps(self.spec.__dict__),
+            "meta": json.dumps(self.meta()),
             "learner": self.learner.state_dict(),
-            "buffer": self.buffer.state_dict() if with_buffer else {},
+            "exact": json.dumps(exact),
+            "buffer": buffer_entry or {},
             "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "next_eval": self.next_eval,
-                         "next_ckpt": self.next_ckpt, "wall": self.wall},
+                         "next_ckpt": self.next_ckpt, "wall": self.wall, "stream_total": self.stream_total,
+                         "guard_step": g.step, "guard_skipped": g.skipped},
             "last_eval": json.dumps(self.last_eval),
-            "rng": {"numpy": json.dumps(self.rng.bit_generator.state), "torch": torch.get_rng_state()},
+            "rng": rng,
         }
+
+    def check_compatible(self, state: dict) -> None:
+        """Refuse a checkpoint of another env, algorithm or config, naming what differs."""
+        where = state.get("_path", "?")
+        meta = json.loads(state.get("meta", "{}"))
+        for key, here in self.meta().items():
+            if key in meta and meta[key] != here:
+                raise CheckpointError(f"checkpoint {where!r} was trained with {key} {meta[key]!r}, "
+                                      f"this run uses {here!r}")
+        check_config(state, self.cfg)
+        spec = json.loads(state["spec"])
+        mine = _jsonable(self.spec.__dict__)
+        diff = [f"{k}={spec.get(k)!r} there, {mine.get(k)!r} here" for k in sorted(set(spec) | set(mine))
+                if spec.get(k) != mine.get(k)]
+        if diff:
+            raise CheckpointError(f"checkpoint {where!r} was made for another env spec: " + "; ".join(diff))
 
     def load_state_dict(self, state: dict) -> None:
         try:
-            spec = json.loads(state["spec"])
-            if spec != _jsonable(self.spec.__dict__):
-                raise CheckpointError(f"checkpoint was made for env {spec.get('name')!r} with spec {spec}, "
-                                      f"this run uses {self.spec.name!r} with spec {_jsonable(self.spec.__dict__)}")
+            self.check_compatible(state)
+            self.stream_total = load_buffer(self.buffer, state["buffer"], state.get("_path", self.ckpt_dir / "x"))
+            self._buffer_entry = state["buffer"] if state["buffer"].get("kind") == "shards" else None
             self.learner.load_state_dict(state["learner"])
-            if state["buffer"]:
-                self.buffer.load_state_dict(state["buffer"])
+            exact = json.loads(state.get("exact", "{}"))
+            if "entropy_coef" in exact:
+                self.learner.algo.entropy_coef = float(exact["entropy_coef"])
             c = state["counters"]
             self.env_steps, self.episodes = int(c["env_steps"]), int(c["episodes"])
             self.next_eval, self.next_ckpt, self.wall = int(c["next_eval"]), int(c["next_ckpt"]), float(c["wall"])
+            self.learner.guard.step = int(c.get("guard_step", 0))
+            self.learner.guard.skipped = int(c.get("guard_skipped", 0))
             self.last_eval = json.loads(state["last_eval"])
             self.rng.bit_generator.state = json.loads(state["rng"]["numpy"])
             torch.set_rng_state(state["rng"]["torch"])
+            if "python" in state["rng"]:
+                v, internal, gauss = json.loads(state["rng"]["python"])
+                random.setstate((v, tuple(internal), gauss))
+            if "torch_cuda" in state["rng"] and torch.cuda.is_available():
+                cuda = state["rng"]["torch_cuda"]
+                if len(cuda) == torch.cuda.device_count():
+                    torch.cuda.set_rng_state_all(cuda)
         except CheckpointError:
             raise
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
             raise CheckpointError(f"checkpoint {state.get('_path', '?')!r} does not fit this run "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
     def save(self) -> Path:
-        path = save_checkpoint(self.state_dict(), self.ckpt_dir, self.env_steps, self.cfg.run.keep_checkpoints)
+        t0 = time.perf_counter()
+        prev = self._buffer_entry
+        entry = save_buffer(self.buffer, self.ckpt_dir, self.stream_total, prev)
+        path = save_checkpoint(self.state_dict(entry), self.ckpt_dir, self.env_steps, self.cfg.run.keep_checkpoints)
+        self._buffer_entry = entry
         self.learner.guard.last_good_checkpoint = str(path)
+        shards = json.loads(entry["shards"])
+        wrote_shard = shards and (prev is None or int(prev["total"]) < int(entry["total"]))
+        new_bytes = path.stat().st_size + ((self.ckpt_dir / "buffer" / shards[-1]).stat().st_size if wrote_shard else 0)
+        self.checkpoint_stats.append({"seconds": time.perf_counter() - t0, "bytes": new_bytes})
         return path
 
     def resume(self, source: str | Path | None = None) -> bool:
-        """Restore the newest checkpoint of this run (or ``source``); False if there is none."""
+        """Restore the newest usable checkpoint of this run (or ``source``); False if there is none.
+
+        A corrupt newest checkpoint is skipped with a warning (and renamed ``*.corrupt``).
+        """
         if source is None and not list_checkpoints(self.ckpt_dir):
             return False
-        state = load_checkpoint(source or self.ckpt_dir)
-        self.load_state_dict(state)
+
+        def loader(p: Path) -> dict:
+            st = load_checkpoint(p)
+            self.load_state_dict(st)
+            return st
+
+        state = load_latest(source or self.ckpt_dir, loader, quarantine=source is None)
         self.learner.guard.last_good_checkpoint = state["_path"]
         return True
 
@@ -300,15 +456,32 @@ class Trainer:
         return (self.cfg.run.seed * 7_919 + k) % (2**31 - 1)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        rc = self.cfg.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resumed = self.resume() if resume else False
-        if not resumed:
-            refuse_overwrite(self.run_dir)
-        atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
-        self.logger = RunLogger(self.run_dir)
-        if resumed:
+        with RunLock(self.run_dir):
+            remove_stale_temporaries(self.ckpt_dir)
+            resumed = self.resume() if resume else False
+            if not resumed:
+                refuse_overwrite(self.run_dir)
+            atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
+            self.logger = RunLogger(self.run_dir, resume_step=self.env_steps)
+            # rows a killed run logged after its last checkpoint will be produced again
             self.logger.truncate_after(self.env_steps)
+            try:
+                self._loop()
+            except DivergenceError as e:
+                raise self._divergence_report(e) from None
+        summary = {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "episodes": self.episodes,
+                   "wall_s": round(self.wall, 1), **{f"eval_{k}": v for k, v in self.last_eval.items()}}
+        if self.cfg.run.skip_nonfinite:
+            summary["nonfinite_skipped"] = self.learner.guard.skipped
+        if self.checkpoint_stats:  # this session's checkpoint writes (buffer shard + checkpoint file)
+            summary["checkpoint_write_s_max"] = round(max(c["seconds"] for c in self.checkpoint_stats), 3)
+            summary["checkpoint_write_mb_last"] = round(self.checkpoint_stats[-1]["bytes"] / 2**20, 2)
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _loop(self) -> None:
+        rc = self.cfg.run
         bar = _progress(rc, self.env_steps)
         try:
             while self.env_steps < rc.steps:
@@ -316,6 +489,7 @@ class Trainer:
                 self.learner.policy.eval()
                 ep, stats = run_episode(self.env, self.learner.policy, self.episode_seed(self.episodes), False, self.device)
                 self.buffer.add_episode(ep)
+                self.stream_total += len(ep["obs"])
                 self.env_steps += stats.length
                 self.episodes += 1
                 row: dict[str, Any] = {"env_steps": self.env_steps, "episode": self.episodes, "return": stats.ret,
@@ -326,6 +500,8 @@ class Trainer:
                 t1 = time.perf_counter()
                 if len(self.buffer) >= rc.min_buffer and self.episodes % rc.train_every == 0:
                     row.update(self.learner.update(self.buffer, self.rng))
+                if rc.skip_nonfinite:
+                    row["guard/skipped"] = self.learner.guard.skipped
                 self.wall += time.perf_counter() - t0
                 row["time/collect_s"] = t1 - t0
                 row["wall_s"] = self.wall
@@ -335,17 +511,25 @@ class Trainer:
                     self.evaluate_now()
                     self.next_eval = (self.env_steps // rc.eval_every + 1) * rc.eval_every
                 if self.env_steps >= self.next_ckpt or self.env_steps >= rc.steps:
-                    self.save()
                     self.next_ckpt = (self.env_steps // rc.checkpoint_every + 1) * rc.checkpoint_every
+                    self.save()  # after next_ckpt moved on: a resume keeps the same schedule
                 _advance(bar, self.env_steps, row, self.last_eval)
         finally:
             if bar is not None:
                 bar.close()
             self.logger.close()
-        summary = {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "episodes": self.episodes,
-                   "wall_s": round(self.wall, 1), **{f"eval_{k}": v for k, v in self.last_eval.items()}}
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary
+
+    def _divergence_report(self, e: DivergenceError) -> DivergenceError:
+        """The guard's line plus where the run stood; also written to ``divergence.json``."""
+        msg = f"{e} [run {str(self.run_dir)!r}, env step {self.env_steps}, episode {self.episodes}]"
+        report = {"error": str(e), "env_steps": self.env_steps, "episode": self.episodes,
+                  "learner_step": self.learner.guard.step,
+                  "last_good_checkpoint": self.learner.guard.last_good_checkpoint}
+        try:
+            atomic_write_text(self.run_dir / "divergence.json", json.dumps(report, indent=2) + "\n")
+        except OSError:
+            pass
+        return DivergenceError(msg)
 
     def evaluate_now(self) -> dict[str, float]:
         if self.eval_env is None:
@@ -361,6 +545,22 @@ class Trainer:
         self.last_eval = res
         self.logger.evaluation(self.env_steps, self.wall, res)
         return res
+
+
+def check_config(state: dict, cfg: Config) -> None:
+    """Refuse a checkpoint whose config differs from ``cfg`` beyond the keys a resume may change."""
+    from mabl.config import RESUME_STRICT_RUN
+
+    try:
+        saved = json.loads(state["config"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise CheckpointError(f"checkpoint {state.get('_path', '?')!r} lacks a valid config") from None
+    diff = config_differences(saved, cfg)
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise CheckpointError(f"checkpoint {state.get('_path', '?')!r} was made with a different config: {shown} "
+                              f"(a resume keeps model.*, ppo.* and {', '.join(sorted(RESUME_STRICT_RUN))}); "
+                              "use another --run-dir for a new run")
 
 
 def _jsonable(d: dict) -> dict:
@@ -389,34 +589,88 @@ def _advance(bar, env_steps: int, row: dict, last_eval: dict) -> None:
     bar.set_postfix(post, refresh=False)
 
 
+def registry_env_factory(cfg: Config) -> Callable[[int], MultiAgentEnv]:
+    from mabl.envs import make_env as registry_make
+
+    name, options = cfg.run.env, dict(cfg.run.env_options)
+
+    def make(seed: int) -> MultiAgentEnv:
+        try:
+            return registry_make(name, seed=seed, **options)
+        except TypeError as e:
+            if "argument" not in str(e):
+                raise
+            raise ConfigError(f"bad run.env_options {options!r} for {name}: {e}") from None
+
+    return make
+
+
+def check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} exists and is not a directory")
+    ck = run_dir / "checkpoints"
+    if ck.exists() and not ck.is_dir():
+        raise ConfigError(f"{str(ck)!r} exists and is not a directory")
+
+
+def newest_readable_checkpoint(run_dir: Path) -> dict | None:
+    """The small parts of the newest checkpoint that opens (no tensors read), or None."""
+    from mabl.checkpoint import checkpoint_candidates
+    from mabl.errors import CorruptCheckpointError
+
+    for cand in reversed(checkpoint_candidates(run_dir)):
+        try:
+            return peek_checkpoint(cand)
+        except CorruptCheckpointError:
+            continue
+    return None
+
+
 def train(cfg: Config, make_env: Callable[[int], MultiAgentEnv] | None = None,
           make_learner: Callable[..., MABLLearner] | None = None, run_dir: str | Path | None = None,
-          resume: bool = False) -> dict[str, Any]:
-    """Train per ``cfg``; ``make_env(seed)`` defaults to the registry entry for ``cfg.run.env``."""
-    if make_env is None:
-        from mabl.envs import make_env as registry_make
+          resume: bool | None = None) -> dict[str, Any]:
+    """Train per ``cfg``; ``make_env(seed)`` defaults to the registry entry for ``cfg.run.env``.
 
-        name, options = cfg.run.env, dict(cfg.run.env_options)
-        make_env = lambda seed: registry_make(name, seed=seed, **options)  # noqa: E731
-    if not resume:  # fail before building anything
-        refuse_overwrite(resolve_run_dir(cfg, run_dir))
-    return Trainer(cfg, make_env, make_learner, run_dir).run(resume=resume)
+    ``resume``: None (default) continues the run directory's newest checkpoint when there is
+    one and starts fresh otherwise; True is the same but says so when there is nothing to
+    continue; False refuses a directory that already holds checkpoints. A checkpoint whose
+    config differs (beyond ``run.steps`` and the like) is refused, naming the keys.
+    """
+    rd = resolve_run_dir(cfg, run_dir)
+    check_run_dir(rd)
+    if make_env is None:
+        check_env_name(cfg.run.env)
+        make_env = registry_env_factory(cfg)
+    resolve_device(cfg.run.device)  # `--device cuda` without CUDA fails before anything is built
+    has = bool(list_checkpoints(rd / "checkpoints"))
+    if has and resume is False:
+        refuse_overwrite(rd)
+    if has:
+        peek = newest_readable_checkpoint(rd)
+        if peek is not None:  # fail before building anything (env JIT, networks)
+            check_config(peek, cfg)
+    elif resume:
+        warn(f"no checkpoint in {str(rd)!r} yet; starting from step 0")
+    return Trainer(cfg, make_env, make_learner, rd).run(resume=has)
 
 
 def load_for_eval(path: str | Path, device: str = "cpu") -> tuple[Config, MABLLearner, dict]:
-    """Rebuild the learner of a checkpoint (config and spec from the checkpoint itself)."""
-    state = load_checkpoint(path)
+    """Rebuild the learner of a checkpoint (config and spec from the checkpoint itself).
+
+    A run directory whose newest checkpoint is corrupt falls back to the previous one.
+    """
+    state = load_latest(path)
     try:
         cfg = config_from_dict(json.loads(state["config"]))
         from mabl.envs.base import EnvSpec
 
         spec = EnvSpec(**json.loads(state["spec"]))
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {state['_path']!r} lacks a valid config/spec ({e})") from None
     learner = MABLLearner(spec, cfg, resolve_device(device))
     try:
         learner.load_state_dict(state["learner"])
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {state['_path']!r} has weights that do not fit its config "
                               f"({str(e).splitlines()[0][:200]})") from None
     return cfg, learner, state

@@ -31,7 +31,8 @@ from torch import nn
 
 from mabl.config import WorldModelConfig
 from mabl.envs.base import EnvSpec
-from mabl.nets import GRUCell, SplitLinear, mlp, sample_onehot
+from mabl.fast import PLAIN, FusedLinears, LoopLinear, Speed, kl_balanced_fused, mlp_forward, mlp_tail, mode_flat, no_autocast, sample_st
+from mabl.nets import GRUCell, SplitLinear, gru_update, mlp, sample_onehot
 
 
 @dataclass
@@ -89,9 +90,11 @@ def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class BiLevelWorldModel(nn.Module):
     """``initial / observe / imagine_step / loss`` of the bi-level model; see the module docstring."""
 
-    def __init__(self, spec: EnvSpec, cfg: WorldModelConfig):
+    def __init__(self, spec: EnvSpec, cfg: WorldModelConfig, speed: Speed | None = None):
         super().__init__()
         self.spec, self.cfg = spec, cfg
+        # speed switches (mabl.fast): none of them changes the math; PLAIN = the reference path
+        self.speed: Speed = speed or PLAIN
         n, a = spec.n_agents, spec.action_dim
         H, L, D, E = cfg.hidden, cfg.layers, cfg.deter, cfg.embed
         self.n_cat = cfg.n_categoricals
@@ -164,6 +167,8 @@ class BiLevelWorldModel(nn.Module):
         posterior logits in ``priors['post_a' / 'post_g']``, prior logits in
         ``priors['prior_a' / 'prior_g']``, and the final carry.
         """
+        if self.speed.fused_recurrence:
+            return self._observe_fused(obs, state, prev_action, is_first, carry, sample)
         T, B = obs.shape[:2]
         if carry is None:
             carry = self.initial((B,), obs.device, obs.dtype)
@@ -213,7 +218,10 @@ class BiLevelWorldModel(nn.Module):
             return self.agent_prior(h_a)
         return self.agent_prior[2](F.relu(self.agent_prior[0](h_a, zhat_g)))
 
-    def _sample(self, logits: torch.Tensor, sample: bool) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, sample: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.speed.fast_sampling:
+            out = dtype or logits.dtype
+            return sample_st(logits, self.cfg.n_classes, out) if sample else mode_flat(logits, self.cfg.n_classes, out)
         shaped = logits.unflatten(-1, (self.n_cat, -1))
         if sample:
             z = sample_onehot(shaped)
@@ -253,6 +261,8 @@ class BiLevelWorldModel(nn.Module):
         """
         cfg = self.cfg
         post, logits, _ = self.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
+        if self.speed.fused_heads or self.speed.fused_kl:
+            return self._loss_fused(batch, post, logits)
         fa, fg = self.features(post)
         both = self._both(fa, fg)
         terms: dict[str, torch.Tensor] = {}
@@ -283,4 +293,198 @@ class BiLevelWorldModel(nn.Module):
             metrics["kl_a_raw"] = categorical_kl(logits["post_a"], logits["prior_a"], self.n_cat).mean()
             if self.bilevel:
                 metrics["kl_g_raw"] = categorical_kl(logits["post_g"], logits["prior_g"], self.n_cat).mean()
+        return total, metrics, post.map(lambda x: x.detach())
+
+    # ======================================================================================
+    # Fused paths (mabl.fast.Speed). Same parameters, same math, fewer and larger operations.
+
+    def _observe_fused(self, obs, state, prev_action, is_first, carry, sample):
+        """:meth:`observe` with the recurrence restructured (``Speed.fused_recurrence``).
+
+        * the GRU's matmul on ``[x, h]`` is split into ``x W_x`` and ``h W_h``; every matmul of a
+          recurrent tensor is done once for all its consumers: ``h^a W`` gives the posterior's
+          and the next GRU step's parts, ``z^a W`` the next input's and the global posterior's;
+        * the carry reset (``is_first``) multiplies those projections by 0/1, exactly like
+          multiplying the carry itself; all biases live in the time-batched projections;
+        * matmul inputs stay in the compute dtype; the GRU state and its gates stay fp32.
+        """
+        sp, cfg = self.speed, self.cfg
+        dt = sp.dtype
+        T, B, N = obs.shape[:3]
+        D, S, H, K = cfg.deter, self.stoch, cfg.hidden, cfg.n_classes
+        R = B * N
+        if carry is None:
+            carry = self.initial((B,), obs.device)
+        with no_autocast(obs.device.type):
+            c = lambda p: p.to(dt)  # noqa: E731
+            keep = (~is_first.bool()).to(dt)  # [T,B]
+            keep_a = keep[:, :, None].expand(T, B, N).reshape(T, R, 1)
+            keep_a32 = keep_a.float()
+            # time-batched projections (the biases folded in here)
+            ain, ap0, ag = self.agent_in, self.agent_post[0], self.agent_gru.lin
+            emb = mlp_forward(self.obs_encoder, obs, dt)
+            post_a_x = F.linear(emb, c(ap0.parts[1].weight), c(ap0.parts[0].bias)).reshape(T, R, H)
+            act_x = F.linear(prev_action.to(dt), c(ain.parts[1].weight), c(ain.parts[0].bias)).reshape(T, R, H)
+            Wx_a, b_a = c(ag.weight[:, :H]), c(ag.bias)
+            W_ha = c(torch.cat([ap0.parts[0].weight, ag.weight[:, H:]], 0))  # h^a -> [posterior | next GRU]
+            W_pa2, b_pa2 = c(self.agent_post[2].weight), c(self.agent_post[2].bias)
+            if self.bilevel:
+                G = self.n_global
+                RG = B * G
+                keep_g = keep[:, :, None].expand(T, B, G).reshape(T, RG, 1)
+                keep_g32 = keep_g.float()
+                gin, gp0, gg = self.global_in, self.global_post[0], self.global_gru.lin
+                s_emb = mlp_forward(self.state_encoder, state, dt)  # [T,B,E]
+                post_g_x = F.linear(s_emb, c(gp0.parts[1].weight), c(gp0.parts[0].bias))
+                jact_x = F.linear(prev_action.flatten(-2).to(dt), c(gin.parts[1].weight), c(gin.parts[0].bias))
+                post_g_x = post_g_x[:, :, None].expand(T, B, G, H).reshape(T, RG, H)
+                jact_x = jact_x[:, :, None].expand(T, B, G, H).reshape(T, RG, H)
+                Wx_g, b_g = c(gg.weight[:, :H]), c(gg.bias)
+                W_hg = c(torch.cat([gp0.parts[0].weight, gg.weight[:, H:]], 0))  # h^g -> [posterior | next GRU]
+                W_za = c(torch.cat([ain.parts[0].weight, gp0.parts[2].weight], 0))  # z^a -> [next input | global posterior]
+                W_zg = c(gin.parts[0].weight)
+                W_pg2, b_pg2 = c(self.global_post[2].weight), c(self.global_post[2].bias)
+            else:
+                W_za = c(ain.parts[0].weight)
+
+            # loop matmuls: per-step input gradients, one weight-gradient matmul per weight
+            L_xa, L_ha, L_pa, L_za = LoopLinear(Wx_a), LoopLinear(W_ha), LoopLinear(W_pa2), LoopLinear(W_za)
+            post_a_x, act_x, keep_a, keep_a32 = post_a_x.unbind(0), act_x.unbind(0), keep_a.unbind(0), keep_a32.unbind(0)
+            h_a = carry.h_a.reshape(R, D).float()
+            z_a = carry.z_a.reshape(R, S).to(dt)
+            hp_a = L_ha(h_a.to(dt), slice(H, None))  # only the GRU part is used at t=0
+            zp_a = L_za(z_a, slice(0, H))
+            if self.bilevel:
+                L_xg, L_hg, L_pg, L_zg = LoopLinear(Wx_g), LoopLinear(W_hg), LoopLinear(W_pg2), LoopLinear(W_zg)
+                post_g_x, jact_x, keep_g, keep_g32 = post_g_x.unbind(0), jact_x.unbind(0), keep_g.unbind(0), keep_g32.unbind(0)
+                h_g = carry.h_g.reshape(RG, D).float()
+                z_g = carry.z_g.reshape(RG, S).to(dt)
+                hp_g = L_hg(h_g.to(dt), slice(H, None))
+                zp_g = L_zg(z_g)
+            hs_a, zs_a, ls_a, hs_g, zs_g, ls_g = [], [], [], [], [], []
+            for t in range(T):
+                last = t == T - 1
+                k, k32 = keep_a[t], keep_a32[t]
+                x = F.relu(zp_a[:, :H] * k + act_x[t])
+                gates = L_xa(x) + b_a + hp_a[:, -3 * D:] * k
+                h_a = gru_update(gates, h_a * k32, D)
+                hp_a = L_ha(h_a.to(dt), slice(0, H) if last else None)
+                logit_a = L_pa(F.relu(hp_a[:, :H] + post_a_x[t])) + b_pa2
+                z_a = self._sample(logit_a, sample, dt)
+                hs_a.append(h_a), zs_a.append(z_a), ls_a.append(logit_a)
+                if not self.bilevel:
+                    zp_a = L_za(z_a)
+                    continue
+                zp_a = L_za(z_a, slice(H, None) if last else None)
+                gz = zp_a[:, -H:]
+                if self.single_global:  # the global posterior sees the mean agent latent
+                    gz = gz.view(B, N, H).mean(1)
+                kg, kg32 = keep_g[t], keep_g32[t]
+                xg = F.relu(zp_g * kg + jact_x[t])
+                gates_g = L_xg(xg) + b_g + hp_g[:, -3 * D:] * kg
+                h_g = gru_update(gates_g, h_g * kg32, D)
+                hp_g = L_hg(h_g.to(dt), slice(0, H) if last else None)
+                logit_g = L_pg(F.relu(hp_g[:, :H] + post_g_x[t] + gz)) + b_pg2
+                z_g = self._sample(logit_g, sample, dt)
+                if not last:
+                    zp_g = L_zg(z_g)
+                hs_g.append(h_g), zs_g.append(z_g), ls_g.append(logit_g)
+
+            shape_a = (T, B, N)
+            post = LatentState(torch.stack(hs_a).view(*shape_a, D), torch.stack(zs_a).view(*shape_a, S))
+            logits = {"post_a": torch.stack(ls_a).view(*shape_a, S)}
+            if self.bilevel:
+                shape_g = (T, B, G)
+                post.h_g = torch.stack(hs_g).view(*shape_g, D)
+                post.z_g = torch.stack(zs_g).view(*shape_g, S)
+                logits["post_g"] = torch.stack(ls_g).view(*shape_g, S)
+                logits["prior_g"] = mlp_forward(self.global_prior, post.h_g, dt)
+                zhat_g = self._expand_g(self._sample(logits["prior_g"], sample, dt))
+                ap = self.agent_prior[0]
+                pre = F.linear(post.h_a.to(dt), c(ap.parts[0].weight), c(ap.parts[0].bias)) + F.linear(zhat_g, c(ap.parts[1].weight))
+                logits["prior_a"] = mlp_tail(self.agent_prior, pre, dt)
+            else:
+                ap = self.agent_prior[0]
+                logits["prior_a"] = mlp_tail(self.agent_prior, F.linear(post.h_a.to(dt), c(ap.parts[0].weight), c(ap.parts[0].bias)), dt)
+            last_carry = LatentState(h_a.view(B, N, D), z_a.view(B, N, S),
+                                     h_g.view(B, G, D) if self.bilevel else None, z_g.view(B, G, S) if self.bilevel else None)
+        return post, logits, last_carry
+
+    def fused_heads(self, dtype: torch.dtype, action: bool = True) -> FusedLinears:
+        """First layers of the heads as one :class:`FusedLinears` over the sources ``fa``/``fg``."""
+        F_a = self.feat_a
+        fl = FusedLinears(dtype)
+        for name, net in (("obs", self.obs_decoder), ("reward", self.reward_head)):
+            fl.add(name, net[0].bias, {"fa": net[0].weight})
+        both = [("cont", self.cont_head), ("avail", self.avail_head)] + ([("action", self.action_decoder)] if action else [])
+        for name, net in both:
+            if net is None:
+                continue
+            w = net[0].weight
+            fl.add(name, net[0].bias, {"fa": w[:, :F_a], "fg": w[:, F_a:]} if self.bilevel else {"fa": w})
+        return fl.build()
+
+    def _loss_fused(self, batch, post: LatentState, logits):
+        """:meth:`loss` with ``Speed.fused_heads`` (one matmul per feature tensor for the first
+        layers of all heads) and/or ``Speed.fused_kl`` (the balanced KL computed once)."""
+        cfg, sp = self.cfg, self.speed
+        dt = sp.dtype
+        terms: dict[str, torch.Tensor] = {}
+        with no_autocast(batch["obs"].device.type):
+            if sp.fused_heads:
+                fa = torch.cat([post.z_a.to(dt), post.h_a.to(dt)], -1)
+                fg = self._expand_g(torch.cat([post.z_g.to(dt), post.h_g.to(dt)], -1)) if self.bilevel else None
+                fl = self.fused_heads(dt)
+                pa = fl.project("fa", fa)
+                pg = fl.project("fg", fg) if self.bilevel else None
+                head = lambda name, net, p=None: mlp_tail(net, fl.out(name, pa, pg) if p is None else p, dt)  # noqa: E731
+                obs_pred = head("obs", self.obs_decoder)
+                reward_pred = head("reward", self.reward_head).squeeze(-1)
+                cont_pred = head("cont", self.cont_head).squeeze(-1)
+                avail_pred = head("avail", self.avail_head) if self.avail_head is not None else None
+                act_pred = head("action", self.action_decoder, fl.out("action", pa, pg)[:-1])
+            else:
+                with torch.autocast(batch["obs"].device.type, dtype=torch.bfloat16, enabled=sp.bf16):
+                    fa, fg = self.features(post)
+                    both = self._both(fa, fg)
+                    obs_pred = self.obs_decoder(fa)
+                    reward_pred = self.reward_head(fa).squeeze(-1)
+                    cont_pred = self.cont_head(both).squeeze(-1)
+                    avail_pred = self.avail_head(both) if self.avail_head is not None else None
+                    act_pred = self.action_decoder(both[:-1])
+            if cfg.obs_loss == "mse":
+                terms["obs"] = gaussian_nll(obs_pred, batch["obs"]).mean()
+            else:
+                terms["obs"] = F.smooth_l1_loss(obs_pred.float(), batch["obs"], reduction="none").sum(-1).mean()
+            kls = {}
+            for lvl in ("a", "g") if self.bilevel else ("a",):
+                post_l, prior_l = logits[f"post_{lvl}"], logits[f"prior_{lvl}"]
+                if sp.fused_kl:
+                    kl = kl_balanced_fused(post_l, prior_l, self.n_cat, cfg.kl_balance)
+                    kls[lvl] = kl.detach().mean()
+                else:
+                    kl = kl_balanced(post_l, prior_l, self.n_cat, cfg.kl_balance)
+                    with torch.no_grad():
+                        kls[lvl] = categorical_kl(post_l, prior_l, self.n_cat).mean()
+                terms[f"kl_{lvl}"] = cfg.kl_scale * kl.mean()
+            terms["reward"] = (0.5 * (reward_pred.float() - batch["reward"]).pow(2)).mean()
+            cont_target = batch["cont"].unsqueeze(-1).expand(*batch["cont"].shape, self.spec.n_agents)
+            terms["cont"] = F.binary_cross_entropy_with_logits(cont_pred.float(), cont_target).mean()
+            if avail_pred is not None:
+                terms["avail"] = bernoulli_nll(avail_pred, batch["avail"]).mean() / self.spec.action_dim
+            nxt = batch["prev_action"][1:]
+            valid = (1.0 - batch["is_first"][1:].float()).unsqueeze(-1)
+            if self.spec.discrete:
+                ce = -(act_pred.float().log_softmax(-1) * nxt).sum(-1)
+            else:
+                ce = gaussian_nll(act_pred, nxt)
+            terms["action"] = (ce * valid).sum() / (valid.sum() * self.spec.n_agents).clamp(min=1.0)
+            # same order of terms as the plain path
+            order = ["obs", "kl_a", "kl_g", "reward", "cont", "avail", "action"]
+            terms = {k: terms[k] for k in order if k in terms}
+            total = sum(terms.values())
+        metrics = {k: v.detach() for k, v in terms.items()}
+        metrics["kl_a_raw"] = kls["a"]
+        if self.bilevel:
+            metrics["kl_g_raw"] = kls["g"]
         return total, metrics, post.map(lambda x: x.detach())

@@ -52,6 +52,11 @@ Rewards (option ``reward``):
   no progress is paid before the first finite one), so the progress term stays finite and
   telescopes. Arrival and deadlock are each paid once per
   episode. See :data:`FINISH_REWARD`, :data:`PROGRESS_COEF`, :data:`DEADLOCK_PENALTY`.
+  Option ``deadlock_penalty`` (a number <= 0, default -5) replaces the -5. With -5, a policy
+  that never departs (return 0) beats one that moves but often deadlocks, and short runs
+  (~20k steps) settle there: the greedy policy keeps every train at home (measured, see
+  BENCHMARKS.md). With ``deadlock_penalty=0`` every departure can only add reward (arrival +10,
+  progress telescopes), so moving towards the target is what the reward favours from the start.
 * ``"native"`` is Flatland's own per-agent reward (``DefaultRewards``: zero on the way, a
   late-arrival penalty on arrival, and at the episode end a penalty for each train that did not
   arrive: its delay, or for a train that never departed its shortest travel time).
@@ -129,7 +134,7 @@ PROGRESS_COEF = 0.01
 DEADLOCK_PENALTY = -5.0
 
 REWARDS = ("shaped", "native")
-OPTIONS = ("reward", "episode_limit")
+OPTIONS = ("reward", "episode_limit", "deadlock_penalty")
 
 # measured with tests' random valid actions, resets included (see module docstring)
 MEASURED_STEPS_PER_SECOND = {"5_agents": 390, "10_agents": 210}
@@ -243,7 +248,8 @@ def normalize_tree(nodes: np.ndarray, radius: float = OBS_RADIUS) -> np.ndarray:
 class FlatlandEnv:
     """One Flatland task; see the module docstring for observations, state, masks and rewards."""
 
-    def __init__(self, task: str, seed: int = 0, reward: str = "shaped", episode_limit: int | None = None):
+    def __init__(self, task: str, seed: int = 0, reward: str = "shaped", episode_limit: int | None = None,
+                 deadlock_penalty: float = DEADLOCK_PENALTY):
         if task not in TASK_PARAMS:
             raise one_of("flatland task", task, TASKS)
         if not isinstance(reward, str) or reward not in REWARDS:
@@ -253,10 +259,14 @@ class FlatlandEnv:
             raise ConfigError(f"flatland option episode_limit must be a positive int, got {episode_limit!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ConfigError(f"seed must be an int, got {seed!r}")
+        if (isinstance(deadlock_penalty, bool) or not isinstance(deadlock_penalty, (int, float, np.integer, np.floating))
+                or not np.isfinite(deadlock_penalty) or deadlock_penalty > 0):
+            raise ConfigError(f"flatland option deadlock_penalty must be a number <= 0, got {deadlock_penalty!r}")
         fl = _import_flatland()
         self._TrainState = fl["TrainState"]
         self.task = task
         self.reward_mode = reward
+        self.deadlock_penalty = float(deadlock_penalty)
         n, cities, rate = TASK_PARAMS[task]
         self.n_agents = n
         self.episode_limit = int(limit)
@@ -512,7 +522,7 @@ class FlatlandEnv:
         self._raw_dist = raw
 
         if self.reward_mode == "shaped":
-            reward = FINISH_REWARD * new_arrivals + PROGRESS_COEF * progress + DEADLOCK_PENALTY * new_dead
+            reward = FINISH_REWARD * new_arrivals + PROGRESS_COEF * progress + self.deadlock_penalty * new_dead
             terminated = bool(np.all(arrived | self._deadlocked))
         else:
             reward = native
@@ -526,8 +536,9 @@ class FlatlandEnv:
 
 
 def make(task: str, seed: int = 0, **options) -> FlatlandEnv:
-    """Build the Flatland adapter for ``task``; options ``reward`` ("shaped" | "native") and
-    ``episode_limit`` (positive int, default the classic ``8 (W + H + n / cities)``)."""
+    """Build the Flatland adapter for ``task``; options ``reward`` ("shaped" | "native"),
+    ``episode_limit`` (positive int, default the classic ``8 (W + H + n / cities)``) and
+    ``deadlock_penalty`` (number <= 0, default -5; shaped reward only)."""
     for name in options:
         if name not in OPTIONS:
             raise ConfigError(f"unknown flatland option {name!r}; accepted: {', '.join(OPTIONS)}")

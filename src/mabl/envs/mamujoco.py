@@ -8,11 +8,35 @@ only two-agent split of the humanoid: agent 0 drives 9 actuators, agent 1 drives
 Per step the adapter returns
 
 * ``obs`` float32 ``[2, 244]``: each agent's MaMuJoCo observation (agent 0: 242 values, agent 1:
-  170) zero-padded to 242, then a one-hot agent id (2 values). Raw MuJoCo quantities, not
-  normalised.
-* ``state`` float32 ``[348]``: ``env.state()``, the single-agent Gymnasium observation.
+  170), normalised (see below), zero-padded to 242, then a one-hot agent id (2 values).
+* ``state`` float32 ``[348]``: ``env.state()``, the single-agent Gymnasium observation, normalised
+  the same way.
 * ``avail`` bool ``[2, 9]``: all True (continuous actions).
-* ``reward`` float32 ``[2]``: the team reward (the single-agent Gymnasium reward) for both agents.
+* ``reward`` float32 ``[2]``: the team reward (the single-agent Gymnasium reward) times
+  ``reward_scale``, the same for both agents.
+
+Observation normalisation (option ``obs_norm``). The raw humanoid observations mix positions
+(~0.1-1) with velocities, inertias and contact forces (``cfrc_ext``) that reach a few thousand
+(random actions: 99th percentile of ``|obs|`` 37 for Humanoid, 74 for HumanoidStandup, maximum
+~3,000); the world model encodes them with an un-normalised MLP and decodes them with an MSE
+loss, which such values would dominate. Gymnasium declares the observation space unbounded, so
+no scale can be read off the env spec, and running statistics would make an agent's input depend
+on what other agents and other episodes saw. The adapter therefore applies one fixed elementwise
+function to every observation and state value:
+
+* ``"symlog"`` (default): ``sign(x) * log(1 + |x|)`` (as in DreamerV3): the identity near 0,
+  logarithmic for large values, invertible, no constants. Under random actions the result stays
+  within about +-8 with a standard deviation of ~0.9. Each agent's normalised observation is a
+  function of its own raw observation only, so decentralised execution is unaffected.
+* ``"none"``: the raw MuJoCo quantities.
+
+Padding zeros and the agent-id one-hot are not transformed.
+
+Reward scale (option ``reward_scale``, a positive float). The default (:data:`REWARD_SCALE`)
+brings a typical per-step reward to O(1) so that the world model's unit-variance reward head and
+the critic's value targets stay small: 0.1 for Humanoid (raw ~5 per step, mostly the healthy
+reward) and 0.01 for HumanoidStandup (raw ~30 per step). ``info["raw_return"]`` always holds the
+episode's unscaled team return so far (the number papers report), so evaluations show both.
 
 Actions: float32 ``[2, 9]`` in [-1, 1] (values outside are clipped), rescaled linearly to each
 agent's action-space bounds (``[-0.4, 0.4]`` for every humanoid actuator). Agent 1 has 8
@@ -48,9 +72,17 @@ TASK_PARAMS: dict[str, tuple[str, str]] = {
 TASKS: tuple[str, ...] = tuple(TASK_PARAMS)
 AGENT_OBSK = 1
 EPISODE_LIMIT = 1000
-OPTIONS: tuple[str, ...] = ()
+OPTIONS: tuple[str, ...] = ("obs_norm", "reward_scale")
+OBS_NORMS: tuple[str, ...] = ("symlog", "none")
+# default reward_scale per task: a typical per-step reward becomes O(1) (see module docstring)
+REWARD_SCALE: dict[str, float] = {"Humanoid-9|8": 0.1, "HumanoidStandup-9|8": 0.01}
 
 MEASURED_STEPS_PER_SECOND = {"Humanoid-9|8": 1800, "HumanoidStandup-9|8": 1300}
+
+
+def symlog(x: np.ndarray) -> np.ndarray:
+    """``sign(x) * log(1 + |x|)``, elementwise (the identity near 0, logarithmic far from it)."""
+    return np.sign(x) * np.log1p(np.abs(x))
 
 
 def _silence_adroit_notice() -> None:
@@ -78,11 +110,21 @@ def _import_mamujoco():
 class MaMuJoCoEnv:
     """One MaMuJoCo humanoid task; see the module docstring for the conventions."""
 
-    def __init__(self, task: str, seed: int = 0):
+    def __init__(self, task: str, seed: int = 0, obs_norm: str = "symlog", reward_scale: float | None = None):
         if task not in TASK_PARAMS:
             raise one_of("mamujoco task", task, TASKS)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ConfigError(f"seed must be an int, got {seed!r}")
+        if not isinstance(obs_norm, str) or obs_norm not in OBS_NORMS:
+            raise one_of("mamujoco obs_norm", obs_norm, OBS_NORMS)
+        scale = REWARD_SCALE[task] if reward_scale is None else reward_scale
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer))
+                or not np.isfinite(scale) or scale <= 0):
+            raise ConfigError(f"mamujoco option reward_scale must be a positive number, got {reward_scale!r}")
+        self.obs_norm = obs_norm
+        self.reward_scale = float(scale)
+        self._norm = symlog if obs_norm == "symlog" else (lambda x: x)
+        self._raw_return = 0.0
         mamujoco_v1 = _import_mamujoco()
         scenario, conf = TASK_PARAMS[task]
         self._env = mamujoco_v1.parallel_env(scenario, conf, agent_obsk=AGENT_OBSK)
@@ -114,16 +156,17 @@ class MaMuJoCoEnv:
         n = self.spec.n_agents
         out = np.zeros((n, self.spec.obs_dim), dtype=np.float32)
         for i, a in enumerate(self.agents):
-            out[i, : self._obs_sizes[i]] = obs[a]
+            out[i, : self._obs_sizes[i]] = self._norm(np.asarray(obs[a], dtype=np.float64))
             out[i, self._pad + i] = 1.0
+        self._raw_return += reward
         return TimeStep(
             obs=out,
-            state=np.asarray(self._env.state(), dtype=np.float32),
+            state=self._norm(np.asarray(self._env.state(), dtype=np.float64)).astype(np.float32),
             avail=self._avail.copy(),
-            reward=np.full(n, reward, dtype=np.float32),
+            reward=np.full(n, reward * self.reward_scale, dtype=np.float32),
             terminated=terminated,
             truncated=truncated,
-            info={},
+            info={"raw_return": float(self._raw_return)},
         )
 
     def reset(self, seed: int | None = None) -> TimeStep:
@@ -133,6 +176,7 @@ class MaMuJoCoEnv:
             raise ConfigError(f"seed must be an int, got {seed!r}")
         obs, _ = self._env.reset(seed=int(seed))
         self._done = False
+        self._raw_return = 0.0
         return self._timestep(obs, 0.0, False, False)
 
     def step(self, actions: np.ndarray) -> TimeStep:
@@ -164,10 +208,13 @@ class MaMuJoCoEnv:
 
 
 def make(task: str, seed: int = 0, **options) -> MaMuJoCoEnv:
-    """Build the MaMuJoCo adapter for ``task``; there are no options."""
+    """Build the MaMuJoCo adapter for ``task``; options ``obs_norm`` ("symlog" | "none", default
+    "symlog") and ``reward_scale`` (positive float, default :data:`REWARD_SCALE` of the task)."""
     for name in options:
-        raise ConfigError(f"unknown mamujoco option {name!r}; accepted: none")
-    return MaMuJoCoEnv(task, seed=seed)
+        if name not in OPTIONS:
+            raise ConfigError(f"unknown mamujoco option {name!r}; accepted: {', '.join(OPTIONS)}")
+    return MaMuJoCoEnv(task, seed=seed, **options)
 
 
-__all__ = ["TASKS", "TASK_PARAMS", "OPTIONS", "EPISODE_LIMIT", "MaMuJoCoEnv", "make"]
+__all__ = ["TASKS", "TASK_PARAMS", "OPTIONS", "OBS_NORMS", "REWARD_SCALE", "EPISODE_LIMIT", "MaMuJoCoEnv",
+           "make", "symlog"]
