@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         over = parse_set(args.set)
         over.setdefault("run", {}).update(steps=args.steps, seed=args.seed, run_dir=str(run_dir))
         cfg = make_config(args.preset, args.env, over)
-        train(cfg, resume=True)
+        train(cfg)  # continues the run directory's checkpoint if there is one
     rows = list(csv.DictReader((run_dir / "eval.csv").open()))
     if not rows:
         raise SystemExit(f"no evaluation rows in {run_dir / 'eval.csv'}")

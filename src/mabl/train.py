@@ -25,6 +25,7 @@ A run directory is locked (``.lock``) while a process trains in it.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import math
@@ -572,14 +573,20 @@ def _progress(rc, start: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=rc.steps, initial=start, unit="step", dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(total=rc.steps, initial=start, unit="step", dynamic_ncols=True, smoothing=0.05)
+    bar.recent = collections.deque(maxlen=20)  # the last 20 training episodes
+    return bar
 
 
 def _advance(bar, env_steps: int, row: dict, last_eval: dict) -> None:
+    """Progress bar: env steps, ETA (tqdm), recent training return / win rate (last 20 episodes), last eval."""
     if bar is None:
         return
     bar.update(env_steps - bar.n)
-    post = {"ret": f"{row['return']:.2f}"}
+    bar.recent.append(row)
+    post = {"ret": f"{np.mean([r['return'] for r in bar.recent]):.2f}"}
+    if "won" in row:
+        post["win"] = f"{np.mean([r.get('won', 0.0) for r in bar.recent]):.2f}"
     if "win_rate" in last_eval:
         post["eval_win"] = f"{last_eval['win_rate']:.2f}"
     elif "return" in last_eval:
