@@ -230,7 +230,7 @@ def test_normalize_tree_handles_infinities():
 
 
 def test_errors():
-    with pytest.raises(ConfigError, match=r"'bogus'.*accepted: reward, episode_limit, deadlock_penalty"):
+    with pytest.raises(ConfigError, match=r"'bogus'.*accepted: reward, episode_limit, deadlock_penalty, progress_coef, auto_depart"):
         make_env("flatland:5_agents", bogus=1)
     with pytest.raises(ConfigError, match=r"'dense'.*accepted: shaped, native"):
         make_env("flatland:5_agents", reward="dense")
@@ -293,3 +293,50 @@ def test_deadlock_penalty_option():
     for bad in (1.0, True, "x", float("nan")):
         with pytest.raises(ConfigError, match="deadlock_penalty must be a number <= 0"):
             make_env("flatland:5_agents", deadlock_penalty=bad)
+
+
+def test_auto_depart_masks_waiting_at_home():
+    env = make_env("flatland:5_agents", seed=0, auto_depart=True)
+    plain = make_env("flatland:5_agents", seed=0)
+    TS = env._TrainState
+    rng = np.random.default_rng(0)
+    ts, ref = env.reset(seed=3), plain.reset(seed=3)
+    np.testing.assert_array_equal(ts.obs, ref.obs)
+    seen_ready = 0
+    for _ in range(60):
+        for h, a in enumerate(env._env.agents):
+            if a.state == TS.READY_TO_DEPART:
+                seen_ready += 1
+                assert not ts.avail[h, F.DO_NOTHING] and not ts.avail[h, F.STOP_MOVING]
+                assert ts.avail[h, F.MOVE_LEFT:F.STOP_MOVING].any()
+                # the only difference to the plain mask
+                np.testing.assert_array_equal(ts.avail[h, 1:4], ref.avail[h, 1:4])
+            else:
+                np.testing.assert_array_equal(ts.avail[h], ref.avail[h])
+        acts = random_actions(env.spec, ts.avail, rng)
+        ts, ref = env.step(acts), plain.step(acts)
+        if ts.done:
+            break
+    assert seen_ready > 0
+    with pytest.raises(ConfigError, match="auto_depart must be a bool"):
+        make_env("flatland:5_agents", auto_depart="yes")
+
+
+def test_progress_coef_option():
+    a_env = make_env("flatland:5_agents", seed=0, deadlock_penalty=0)
+    b_env = make_env("flatland:5_agents", seed=0, deadlock_penalty=0, progress_coef=0.1)
+    rng = np.random.default_rng(1)
+    a, b = a_env.reset(seed=7), b_env.reset(seed=7)
+    moved = 0
+    for _ in range(80):
+        acts = random_actions(a_env.spec, a.avail, rng)
+        a, b = a_env.step(acts), b_env.step(acts)
+        arrive_a = np.where(a.reward >= F.FINISH_REWARD - 1, F.FINISH_REWARD, 0.0)
+        np.testing.assert_allclose(b.reward - arrive_a, 10 * (a.reward - arrive_a), atol=1e-4)
+        moved += int((a.reward != 0).sum())
+        if a.done:
+            break
+    assert moved > 0
+    for bad in (-0.1, True, None):
+        with pytest.raises(ConfigError, match="progress_coef must be a number >= 0"):
+            make_env("flatland:5_agents", progress_coef=bad)

@@ -59,7 +59,7 @@ class DecentralizedPolicy(nn.Module):
             idx = torch.multinomial(shaped.softmax(-1).reshape(-1, shaped.shape[-1]), 1, generator=generator).reshape(shaped.shape[:-1])
         z = F.one_hot(idx, shaped.shape[-1]).float().flatten(-2)
         feat = torch.cat([z, h], -1)
-        raw, env_action, _ = self.actor.sample(feat, avail, deterministic=deterministic)
-        pol_params, _ = self.actor.params(feat, avail)
+        pol_params, log_std = self.actor.params(feat, avail)  # once: used to sample and returned
+        raw, env_action, _ = self.actor.sample_from_params(pol_params, log_std, deterministic=deterministic)
         new = AgentCarry(h, z, self.actor.env_to_model_action(raw))
         return raw, env_action, new, pol_params

@@ -8,15 +8,17 @@ against. None of them changes what is computed, only how:
   fused paths cast each weight once per update step and keep activations that feed matmuls in
   bf16 (softmax, KL, sampling, GRU state and losses stay fp32, as under autocast).
 * ``fused_recurrence``: the posterior rollout with the GRU matmul split into its input and
-  recurrent parts, every matmul of a recurrent tensor done once for all of its consumers, and the
-  biases folded into the time-batched projections.
+  recurrent parts, every matmul of a recurrent tensor done once for all of its consumers, the
+  biases folded into the time-batched projections, both levels' GRU steps in one batched matmul,
+  and the recurrent weights' gradients as one matmul over all steps (:class:`LoopLinear`).
 * ``fused_heads``: heads that share an input (the decoders, reward/termination/availability heads,
   the actor in imagination) compute their first layers in one matmul per input; imagination
   reuses the predicted availability instead of evaluating the head twice; the world-model loss
   keeps its features in the compute dtype.
 * ``fast_sampling``: categorical sampling by inverse CDF (one uniform per categorical instead of
-  a Gumbel per class) with an analytic straight-through backward: the same distribution and the
-  same gradient (that of ``softmax(logits)``), another random stream.
+  a Gumbel per class, no argmax) with an analytic straight-through backward, in cache-sized
+  chunks: the same distribution and the same gradient (that of ``softmax(logits)``), another
+  random stream.
 * ``fused_kl``: the balanced KL computed once with its two gradient weights applied in one
   analytic backward (the plain path computes the KL three times).
 * ``fast_critic``: the attention across agents as head-blocked batched matmuls with an explicit
@@ -24,6 +26,8 @@ against. None of them changes what is computed, only how:
   features stored in the compute dtype.
 * ``fused_adam``: ``torch.optim.Adam(fused=True)`` and foreach gradient clipping.
 * ``compile``: ``torch.compile`` of the PPO minibatch losses (first compile costs minutes).
+* ``tune_malloc`` (process-wide, one-way): glibc keeps freed memory instead of returning every
+  large tensor to the kernel, which otherwise zero-fills fresh pages on each reallocation.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ class Speed:
     fast_critic: bool = False
     fused_adam: bool = False
     compile: bool = False
+    tune_malloc: bool = False
 
     @classmethod
     def from_run(cls, run) -> "Speed":
@@ -53,7 +58,7 @@ class Speed:
 
     @classmethod
     def all_on(cls, bf16: bool = True) -> "Speed":
-        return cls(**{f.name: (bf16 if f.name == "bf16" else f.name != "compile") for f in fields(cls)})
+        return cls(**{f.name: (bf16 if f.name == "bf16" else f.name not in ("compile", "tune_malloc")) for f in fields(cls)})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -74,10 +79,6 @@ def no_autocast(device_type: str):
 
 # ------------------------------------------------------------------------------------------
 # linear algebra helpers
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, w, b)
-
 
 class Caster:
     """Casts parameters to the compute dtype once per forward pass (autocast's weight cache,
@@ -194,10 +195,10 @@ class _GateW(torch.autograd.Function):
         xs, gs = ctx.stash
         if not xs:
             return None, None
-        x = torch.cat(xs, 0)
-        g = torch.cat(gs, 0)
+        x = torch.cat(xs, -2)
+        g = torch.cat(gs, -2)
         xs.clear(), gs.clear()
-        return g.t().mm(x), None
+        return torch.matmul(g.transpose(-1, -2), x), None
 
 
 class _LinNoWGrad(torch.autograd.Function):
@@ -205,7 +206,7 @@ class _LinNoWGrad(torch.autograd.Function):
     def forward(ctx, x, token, w, stash):
         ctx.save_for_backward(x, w)
         ctx.stash = stash
-        return F.linear(x, w)
+        return F.linear(x, w) if w.dim() == 2 else torch.bmm(x, w.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, g):
@@ -213,12 +214,13 @@ class _LinNoWGrad(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             ctx.stash[0].append(x)
             ctx.stash[1].append(g)
-        gx = g.mm(w) if ctx.needs_input_grad[0] else None
+        gx = torch.matmul(g, w) if ctx.needs_input_grad[0] else None
         return gx, (g.new_zeros(()) if ctx.needs_input_grad[1] else None), None, None
 
 
 class LoopLinear:
-    """``x @ W^T`` used at every step of a recurrence (no bias).
+    """``x @ W^T`` used at every step of a recurrence (no bias); ``W [out, in]`` or a stack of
+    weights ``[L, out, in]`` applied to ``x [L, rows, in]`` (one batched matmul for L layers).
 
     Autograd would compute and accumulate one small weight-gradient matmul per step; here the
     per-step backward only computes the input gradient and stashes ``(x_t, g_t)``, and the weight
@@ -235,9 +237,9 @@ class LoopLinear:
             self._tokens: dict = {}
 
     def __call__(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        w = self.w if rows is None else self.w[rows]
+        w = self.w if rows is None else self.w[..., rows, :]
         if not self.track:
-            return F.linear(x, w)
+            return F.linear(x, w) if w.dim() == 2 else torch.bmm(x, w.transpose(1, 2))
         key = (None, None) if rows is None else (rows.start, rows.stop)
         if key not in self._tokens:
             stash = ([], [])
@@ -263,8 +265,12 @@ class _SampleST(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, n_cls, out_dtype):
         shape = logits.shape
-        probs = torch.softmax(logits.float().reshape(-1, n_cls), -1)
-        oh = _icdf_onehot(probs, out_dtype)
+        flat = logits.reshape(-1, n_cls)
+        probs = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+        oh = torch.empty(flat.shape, dtype=out_dtype, device=flat.device)
+        for i in range(0, flat.shape[0], _CHUNK):  # cache-sized chunks
+            probs[i:i + _CHUNK] = torch.softmax(flat[i:i + _CHUNK], -1, dtype=torch.float32)
+            oh[i:i + _CHUNK] = _icdf_onehot(probs[i:i + _CHUNK], out_dtype)
         ctx.save_for_backward(probs)
         ctx.shape, ctx.in_dtype = shape, logits.dtype
         return oh.view(shape)
@@ -272,9 +278,12 @@ class _SampleST(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (p,) = ctx.saved_tensors
-        g = g.float().reshape(p.shape)
-        gl = p * (g - (p * g).sum(-1, keepdim=True))  # backward of softmax: d onehot/d logits := d p/d logits
-        return gl.view(ctx.shape).to(ctx.in_dtype), None, None
+        g = g.reshape(p.shape)
+        out = torch.empty(p.shape, dtype=ctx.in_dtype, device=p.device)
+        for i in range(0, p.shape[0], _CHUNK):
+            # backward of softmax (d onehot / d logits := d p / d logits): p * (g - <p, g>), one fused op
+            out[i:i + _CHUNK] = torch.ops.aten._softmax_backward_data(g[i:i + _CHUNK].float(), p[i:i + _CHUNK], -1, torch.float32)
+        return out.view(ctx.shape), None, None
 
 
 def sample_st(logits: torch.Tensor, n_cls: int, dtype: torch.dtype) -> torch.Tensor:
@@ -285,8 +294,14 @@ def sample_st(logits: torch.Tensor, n_cls: int, dtype: torch.dtype) -> torch.Ten
     """
     if torch.is_grad_enabled() and logits.requires_grad:
         return _SampleST.apply(logits, n_cls, dtype)
-    probs = torch.softmax(logits.float().reshape(-1, n_cls), -1)
-    return _icdf_onehot(probs, dtype).view(logits.shape)
+    flat = logits.reshape(-1, n_cls)
+    out = torch.empty(flat.shape, dtype=dtype, device=flat.device)
+    for i in range(0, flat.shape[0], _CHUNK):  # cache-sized chunks: softmax, cdf and sample stay in L2
+        out[i:i + _CHUNK] = _icdf_onehot(torch.softmax(flat[i:i + _CHUNK], -1, dtype=torch.float32), dtype)
+    return out.view(logits.shape)
+
+
+_CHUNK = 8192  # rows of one categorical: 8192 x 32 classes x 4 bytes = 1 MiB
 
 
 def mode_flat(logits: torch.Tensor, n_cls: int, dtype: torch.dtype) -> torch.Tensor:
@@ -301,28 +316,29 @@ class _KLBalanced(torch.autograd.Function):
     @staticmethod
     def forward(ctx, post, prior, n_cls, balance):
         shape = post.shape
-        lq = torch.log_softmax(post.float().reshape(-1, n_cls), -1)
-        lp = torch.log_softmax(prior.float().reshape(-1, n_cls), -1)
+        lq = torch.log_softmax(post.reshape(-1, n_cls), -1, dtype=torch.float32)
+        lp = torch.log_softmax(prior.reshape(-1, n_cls), -1, dtype=torch.float32)
         q = lq.exp()
-        diff = lq - lp
-        kl_cat = (q * diff).sum(-1)  # [rows*C]
-        ctx.save_for_backward(q, lp, diff, kl_cat)
+        diff = lq.sub_(lp)  # lq is not needed any more
+        kl = torch.mul(q, diff).view(-1, shape[-1]).sum(-1)  # per row: summed over categoricals and classes
+        ctx.save_for_backward(q, lp, diff)
         ctx.meta = (shape, post.dtype, prior.dtype, n_cls, balance)
-        return kl_cat.view(*shape[:-1], -1).sum(-1)
+        return kl.view(shape[:-1])
 
     @staticmethod
     def backward(ctx, g):
-        q, lp, diff, kl_cat = ctx.saved_tensors
+        q, lp, diff = ctx.saved_tensors
         shape, post_dt, prior_dt, n_cls, balance = ctx.meta
         C = shape[-1] // n_cls
-        gr = g.float().reshape(-1, 1).expand(-1, C).reshape(-1, 1)  # per categorical
+        gr = g.float().reshape(-1, 1, 1)  # per row, broadcast over categoricals and classes
         g_post = g_prior = None
-        if ctx.needs_input_grad[0]:  # d KL(q||p) / d post-logits = q (log q - log p - KL)
-            g_post = ((1.0 - balance) * gr) * q * (diff - kl_cat.unsqueeze(-1))
-            g_post = g_post.view(shape).to(post_dt)
+        if ctx.needs_input_grad[0]:
+            # d KL(q||p) / d post-logits = q (log q - log p - KL_cat): the softmax backward of (log q - log p)
+            gp = torch.ops.aten._softmax_backward_data(diff, q, -1, torch.float32).view(-1, C, n_cls)
+            g_post = gp.mul_(gr * (1.0 - balance)).view(shape).to(post_dt)
         if ctx.needs_input_grad[1]:  # d KL(q||p) / d prior-logits = p - q
-            g_prior = (balance * gr) * (lp.exp() - q)
-            g_prior = g_prior.view(shape).to(prior_dt)
+            gq = lp.exp().sub_(q).view(-1, C, n_cls)
+            g_prior = gq.mul_(gr * balance).view(shape).to(prior_dt)
         return g_post, g_prior, None, None
 
 
@@ -366,6 +382,32 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     s = torch.bmm(q2, k2.transpose(1, 2)).float() * (1.0 / math.sqrt(dh)) + _head_mask(N, heads, q.device)
     p = softmax_lastdim(s).to(v.dtype)
     return torch.bmm(p, v2).view(B, N, E)
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process heap (glibc ``mallopt``): no ``mmap``/``munmap`` per large
+    tensor, hence no page faults (zeroed pages from the kernel) every time a big activation is
+    allocated again. Process-wide and one-way: the heap keeps its peak size. Returns whether it
+    applied (Linux/glibc only)."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    try:
+        import ctypes
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            return False
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        return False
+    _MALLOC_TUNED = bool(ok)
+    return _MALLOC_TUNED
 
 
 def fused_adam(params, lr: float, on: bool) -> torch.optim.Adam:

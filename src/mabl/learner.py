@@ -18,7 +18,7 @@ from mabl.buffer import ReplayBuffer
 from mabl.config import Config
 from mabl.envs.base import EnvSpec
 from mabl.errors import DivergenceError
-from mabl.fast import Speed, clip_grad_norm, fused_adam
+from mabl.fast import Speed, clip_grad_norm, fused_adam, tune_malloc
 from mabl.mappo import MAPPO
 from mabl.world_model import BiLevelWorldModel
 
@@ -71,6 +71,8 @@ class MABLLearner:
         self.spec, self.cfg = spec, cfg
         self.device = torch.device(device)
         self.speed = Speed.from_run(cfg.run)
+        if self.speed.tune_malloc:
+            tune_malloc()
         self.model = BiLevelWorldModel(spec, cfg.model, speed=self.speed).to(self.device)
         self.model_opt = fused_adam(self.model.parameters(), cfg.model.lr, self.speed.fused_adam)
         self.algo = (make_algorithm or MAPPO)(spec, self.model, cfg.ppo).to(self.device)
@@ -113,7 +115,12 @@ class MABLLearner:
         return post.map(lambda x: x.flatten(0, 1))
 
     def update(self, buffer: ReplayBuffer, rng: np.random.Generator) -> dict[str, float]:
-        """All post-episode learning (Algorithm 1, lines 5-14)."""
+        """All post-episode learning (Algorithm 1, lines 5-14).
+
+        Returns the last model step's and round's metrics plus ``time/model_s`` (world-model steps),
+        ``time/imagine_s`` (imagination starts + rollouts), ``time/policy_s`` (values, GAE, PPO
+        epochs) and ``time/update_s`` (their sum). The speed switches are ``cfg.run`` flags
+        (:mod:`mabl.fast`)."""
         mc, pc = self.cfg.model, self.cfg.ppo
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()

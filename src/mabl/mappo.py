@@ -81,7 +81,7 @@ class AttentionCritic(nn.Module):
 
         The embedding is one matmul per input part; the attention across agents is
         :func:`mabl.fast.agent_attention` (all heads in one batched matmul, a small-dim softmax);
-        matmuls in ``dtype``, LayerNorm in fp32. Same math as :meth:`forward`.
+        everything in ``dtype`` (fp32 statistics inside LayerNorm). Same math as :meth:`forward`.
         """
         lead, n = xs[0].shape[:-2], xs[0].shape[-2]
         w, off, pre = self.embed.weight, 0, None
@@ -96,7 +96,7 @@ class AttentionCritic(nn.Module):
         q, k, v = (F.linear(e, wi[i * E:(i + 1) * E], bi[i * E:(i + 1) * E]) for i in range(3))
         a = agent_attention(q, k, v, self.attn.num_heads)
         a = F.linear(a, self.attn.out_proj.weight.to(dtype), self.attn.out_proj.bias.to(dtype))
-        h = F.layer_norm((e + a).float(), (E,), self.norm.weight, self.norm.bias, self.norm.eps)
+        h = F.layer_norm(e + a, (E,), self.norm.weight.to(dtype), self.norm.bias.to(dtype), self.norm.eps)  # as under autocast
         return mlp_forward(self.out, h, dtype).squeeze(-1).reshape(*lead, n).float()
 
 

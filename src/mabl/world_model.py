@@ -347,49 +347,115 @@ class BiLevelWorldModel(nn.Module):
             else:
                 W_za = c(ain.parts[0].weight)
 
+            if self.bilevel and not self.single_global:
+                out = self._loop_stacked(carry, sample, dt, T, B, N, act_x, jact_x, post_a_x, post_g_x, keep_a, keep_a32,
+                                         (Wx_a, b_a, W_ha, W_pa2, b_pa2, W_za), (Wx_g, b_g, W_hg, W_pg2, b_pg2, W_zg))
+                return self._observe_fused_finish(out, sample, dt, T, B, N)
             # loop matmuls: per-step input gradients, one weight-gradient matmul per weight
             L_xa, L_ha, L_pa, L_za = LoopLinear(Wx_a), LoopLinear(W_ha), LoopLinear(W_pa2), LoopLinear(W_za)
             post_a_x, act_x, keep_a, keep_a32 = post_a_x.unbind(0), act_x.unbind(0), keep_a.unbind(0), keep_a32.unbind(0)
             h_a = carry.h_a.reshape(R, D).float()
             z_a = carry.z_a.reshape(R, S).to(dt)
-            hp_a = L_ha(h_a.to(dt), slice(H, None))  # only the GRU part is used at t=0
-            zp_a = L_za(z_a, slice(0, H))
+            gru_a = L_ha(h_a.to(dt), slice(H, None))  # the carry's recurrent GRU part
+            in_a = L_za(z_a, slice(0, H))  # the carry's input part
             if self.bilevel:
                 L_xg, L_hg, L_pg, L_zg = LoopLinear(Wx_g), LoopLinear(W_hg), LoopLinear(W_pg2), LoopLinear(W_zg)
                 post_g_x, jact_x, keep_g, keep_g32 = post_g_x.unbind(0), jact_x.unbind(0), keep_g.unbind(0), keep_g32.unbind(0)
                 h_g = carry.h_g.reshape(RG, D).float()
                 z_g = carry.z_g.reshape(RG, S).to(dt)
-                hp_g = L_hg(h_g.to(dt), slice(H, None))
-                zp_g = L_zg(z_g)
+                gru_g = L_hg(h_g.to(dt), slice(H, None))
+                in_g = L_zg(z_g)
             hs_a, zs_a, ls_a, hs_g, zs_g, ls_g = [], [], [], [], [], []
+            # (split, not slices, of the fused projections: one backward node each)
             for t in range(T):
                 last = t == T - 1
                 k, k32 = keep_a[t], keep_a32[t]
-                x = F.relu(zp_a[:, :H] * k + act_x[t])
-                gates = L_xa(x) + b_a + hp_a[:, -3 * D:] * k
-                h_a = gru_update(gates, h_a * k32, D)
-                hp_a = L_ha(h_a.to(dt), slice(0, H) if last else None)
-                logit_a = L_pa(F.relu(hp_a[:, :H] + post_a_x[t])) + b_pa2
+                x = F.relu(in_a * k + act_x[t])
+                h_a = gru_update(L_xa(x) + b_a + gru_a * k, h_a * k32, D)
+                if last:
+                    post_h = L_ha(h_a.to(dt), slice(0, H))
+                else:
+                    post_h, gru_a = L_ha(h_a.to(dt)).split([H, 3 * D], -1)
+                logit_a = L_pa(F.relu(post_h + post_a_x[t])) + b_pa2
                 z_a = self._sample(logit_a, sample, dt)
                 hs_a.append(h_a), zs_a.append(z_a), ls_a.append(logit_a)
                 if not self.bilevel:
-                    zp_a = L_za(z_a)
+                    if not last:
+                        in_a = L_za(z_a)
                     continue
-                zp_a = L_za(z_a, slice(H, None) if last else None)
-                gz = zp_a[:, -H:]
+                if last:
+                    gz = L_za(z_a, slice(H, None))
+                else:
+                    in_a, gz = L_za(z_a).split([H, H], -1)
                 if self.single_global:  # the global posterior sees the mean agent latent
-                    gz = gz.view(B, N, H).mean(1)
+                    gz = gz.reshape(B, N, H).mean(1)
                 kg, kg32 = keep_g[t], keep_g32[t]
-                xg = F.relu(zp_g * kg + jact_x[t])
-                gates_g = L_xg(xg) + b_g + hp_g[:, -3 * D:] * kg
-                h_g = gru_update(gates_g, h_g * kg32, D)
-                hp_g = L_hg(h_g.to(dt), slice(0, H) if last else None)
-                logit_g = L_pg(F.relu(hp_g[:, :H] + post_g_x[t] + gz)) + b_pg2
+                xg = F.relu(in_g * kg + jact_x[t])
+                h_g = gru_update(L_xg(xg) + b_g + gru_g * kg, h_g * kg32, D)
+                if last:
+                    post_hg = L_hg(h_g.to(dt), slice(0, H))
+                else:
+                    post_hg, gru_g = L_hg(h_g.to(dt)).split([H, 3 * D], -1)
+                logit_g = L_pg(F.relu(post_hg + post_g_x[t] + gz)) + b_pg2
                 z_g = self._sample(logit_g, sample, dt)
                 if not last:
-                    zp_g = L_zg(z_g)
+                    in_g = L_zg(z_g)
                 hs_g.append(h_g), zs_g.append(z_g), ls_g.append(logit_g)
 
+        return self._observe_fused_finish((hs_a, zs_a, ls_a, hs_g, zs_g, ls_g, h_a, z_a, h_g if self.bilevel else None,
+                                           z_g if self.bilevel else None), sample, dt, T, B, N)
+
+    def _loop_stacked(self, carry, sample, dt, T, B, N, act_x, jact_x, post_a_x, post_g_x, keep, keep32, wa, wg):
+        """The posterior recurrence with both levels' GRU steps and recurrent projections in one
+        batched matmul each (both levels have B*N rows when every agent has its own global latent):
+        the global GRU step t needs only step t-1 quantities, like the agent's."""
+        D, S, H = self.cfg.deter, self.stoch, self.cfg.hidden
+        R = B * N
+        Wx_a, b_a, W_ha, W_pa2, b_pa2, W_za = wa
+        Wx_g, b_g, W_hg, W_pg2, b_pg2, W_zg = wg
+        Lx2, Lh2 = LoopLinear(torch.stack([Wx_a, Wx_g])), LoopLinear(torch.stack([W_ha, W_hg]))
+        bx2 = torch.stack([b_a, b_g]).unsqueeze(1)  # [2,1,3D]
+        L_pa, L_pg, L_za, L_zg = LoopLinear(W_pa2), LoopLinear(W_pg2), LoopLinear(W_za), LoopLinear(W_zg)
+        xin = torch.stack([act_x, jact_x], 1).unbind(0)  # T x [2,R,H]
+        pin = torch.stack([post_a_x, post_g_x], 1).unbind(0)
+        keep, keep32 = keep.unbind(0), keep32.unbind(0)
+        hh = torch.stack([carry.h_a.reshape(R, D), carry.h_g.reshape(R, D)]).float()  # [2,R,D]
+        z_a, z_g = carry.z_a.reshape(R, S).to(dt), carry.z_g.reshape(R, S).to(dt)
+        gru2 = Lh2(hh.to(dt), slice(H, None))
+        in2 = torch.stack([L_za(z_a, slice(0, H)), L_zg(z_g)])
+        hs_a, zs_a, ls_a, hs_g, zs_g, ls_g = [], [], [], [], [], []
+        for t in range(T):
+            last = t == T - 1
+            k, k32 = keep[t], keep32[t]
+            x = F.relu(in2 * k + xin[t])
+            hh = gru_update(Lx2(x) + bx2 + gru2 * k, hh * k32, D)
+            if last:
+                post2 = Lh2(hh.to(dt), slice(0, H))
+            else:
+                post2, gru2 = Lh2(hh.to(dt)).split([H, 3 * D], -1)
+            pre_a, pre_g = (post2 + pin[t]).unbind(0)
+            logit_a = L_pa(F.relu(pre_a)) + b_pa2
+            z_a = self._sample(logit_a, sample, dt)
+            if last:
+                gz = L_za(z_a, slice(H, None))
+            else:
+                in_a, gz = L_za(z_a).split([H, H], -1)
+            logit_g = L_pg(F.relu(pre_g + gz)) + b_pg2
+            z_g = self._sample(logit_g, sample, dt)
+            if not last:
+                in2 = torch.stack([in_a, L_zg(z_g)])
+            h_a, h_g = hh.unbind(0)
+            hs_a.append(h_a), zs_a.append(z_a), ls_a.append(logit_a)
+            hs_g.append(h_g), zs_g.append(z_g), ls_g.append(logit_g)
+        return hs_a, zs_a, ls_a, hs_g, zs_g, ls_g, h_a, z_a, h_g, z_g
+
+    def _observe_fused_finish(self, out, sample, dt, T, B, N):
+        """Stack the recurrence outputs; the priors batched over time."""
+        hs_a, zs_a, ls_a, hs_g, zs_g, ls_g, h_a, z_a, h_g, z_g = out
+        D, S = self.cfg.deter, self.stoch
+        c = lambda p: p.to(dt)  # noqa: E731
+        G = self.n_global
+        with no_autocast(h_a.device.type):
             shape_a = (T, B, N)
             post = LatentState(torch.stack(hs_a).view(*shape_a, D), torch.stack(zs_a).view(*shape_a, S))
             logits = {"post_a": torch.stack(ls_a).view(*shape_a, S)}

@@ -36,6 +36,11 @@ Per step the adapter returns
   iff towards ``heading + 1``, FORWARD iff straight on is allowed or the cell has a single exit
   (curves and dead-ends, where Flatland maps FORWARD onto that exit). Flatland silently turns an
   impossible LEFT / RIGHT into FORWARD; the mask marks those as unavailable instead.
+  Option ``auto_depart`` (default False): a train that is ready to depart (READY_TO_DEPART, its
+  earliest departure reached) may only take an entering move (LEFT / FORWARD / RIGHT as above):
+  DO_NOTHING and STOP, which keep it off the map, are masked. Waiting at home is then not a choice
+  (a greedy policy cannot keep a train at home for the whole episode); while the start cell is
+  occupied Flatland keeps the train off the map anyway.
 * ``reward`` float32 ``[n_agents]``, per agent, see below.
 
 Rewards (option ``reward``):
@@ -52,6 +57,9 @@ Rewards (option ``reward``):
   no progress is paid before the first finite one), so the progress term stays finite and
   telescopes. Arrival and deadlock are each paid once per
   episode. See :data:`FINISH_REWARD`, :data:`PROGRESS_COEF`, :data:`DEADLOCK_PENALTY`.
+  Option ``progress_coef`` (a number >= 0, default 0.01) replaces the 0.01: the progress term
+  is the only reward that tells a train which way to turn at a switch before it arrives, and at
+  0.01 per cell it is ~100x smaller than the arrival reward.
   Option ``deadlock_penalty`` (a number <= 0, default -5) replaces the -5. With -5, a policy
   that never departs (return 0) beats one that moves but often deadlocks, and short runs
   (~20k steps) settle there: the greedy policy keeps every train at home (measured, see
@@ -134,7 +142,7 @@ PROGRESS_COEF = 0.01
 DEADLOCK_PENALTY = -5.0
 
 REWARDS = ("shaped", "native")
-OPTIONS = ("reward", "episode_limit", "deadlock_penalty")
+OPTIONS = ("reward", "episode_limit", "deadlock_penalty", "progress_coef", "auto_depart")
 
 # measured with tests' random valid actions, resets included (see module docstring)
 MEASURED_STEPS_PER_SECOND = {"5_agents": 390, "10_agents": 210}
@@ -249,7 +257,8 @@ class FlatlandEnv:
     """One Flatland task; see the module docstring for observations, state, masks and rewards."""
 
     def __init__(self, task: str, seed: int = 0, reward: str = "shaped", episode_limit: int | None = None,
-                 deadlock_penalty: float = DEADLOCK_PENALTY):
+                 deadlock_penalty: float = DEADLOCK_PENALTY, progress_coef: float = PROGRESS_COEF,
+                 auto_depart: bool = False):
         if task not in TASK_PARAMS:
             raise one_of("flatland task", task, TASKS)
         if not isinstance(reward, str) or reward not in REWARDS:
@@ -262,6 +271,13 @@ class FlatlandEnv:
         if (isinstance(deadlock_penalty, bool) or not isinstance(deadlock_penalty, (int, float, np.integer, np.floating))
                 or not np.isfinite(deadlock_penalty) or deadlock_penalty > 0):
             raise ConfigError(f"flatland option deadlock_penalty must be a number <= 0, got {deadlock_penalty!r}")
+        if (isinstance(progress_coef, bool) or not isinstance(progress_coef, (int, float, np.integer, np.floating))
+                or not np.isfinite(progress_coef) or progress_coef < 0):
+            raise ConfigError(f"flatland option progress_coef must be a number >= 0, got {progress_coef!r}")
+        self.progress_coef = float(progress_coef)
+        if not isinstance(auto_depart, (bool, np.bool_)):
+            raise ConfigError(f"flatland option auto_depart must be a bool (true/false), got {auto_depart!r}")
+        self.auto_depart = bool(auto_depart)
         fl = _import_flatland()
         self._TrainState = fl["TrainState"]
         self.task = task
@@ -429,6 +445,8 @@ class FlatlandEnv:
             avail[h, MOVE_LEFT] = bool(trans[(d - 1) % 4])
             avail[h, MOVE_RIGHT] = bool(trans[(d + 1) % 4])
             avail[h, MOVE_FORWARD] = bool(trans[d]) or n_exits == 1
+            if self.auto_depart and st == TS.READY_TO_DEPART and avail[h, MOVE_LEFT:STOP_MOVING].any():
+                avail[h, DO_NOTHING] = avail[h, STOP_MOVING] = False
         return avail
 
     def _observe(self, obs_dict, reward: np.ndarray, terminated: bool, truncated: bool, info) -> TimeStep:
@@ -522,7 +540,7 @@ class FlatlandEnv:
         self._raw_dist = raw
 
         if self.reward_mode == "shaped":
-            reward = FINISH_REWARD * new_arrivals + PROGRESS_COEF * progress + self.deadlock_penalty * new_dead
+            reward = FINISH_REWARD * new_arrivals + self.progress_coef * progress + self.deadlock_penalty * new_dead
             terminated = bool(np.all(arrived | self._deadlocked))
         else:
             reward = native
@@ -538,7 +556,9 @@ class FlatlandEnv:
 def make(task: str, seed: int = 0, **options) -> FlatlandEnv:
     """Build the Flatland adapter for ``task``; options ``reward`` ("shaped" | "native"),
     ``episode_limit`` (positive int, default the classic ``8 (W + H + n / cities)``) and
-    ``deadlock_penalty`` (number <= 0, default -5; shaped reward only)."""
+    ``deadlock_penalty`` (number <= 0, default -5; shaped reward only), ``progress_coef`` (number
+    >= 0, default 0.01; shaped reward only) and ``auto_depart`` (bool,
+    default False: mask waiting at home once a train is ready to depart)."""
     for name in options:
         if name not in OPTIONS:
             raise ConfigError(f"unknown flatland option {name!r}; accepted: {', '.join(OPTIONS)}")
