@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one ``mabl: error:`` line (exit status 2)."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
