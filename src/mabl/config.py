@@ -142,7 +142,8 @@ _LEARNING_RATES: dict[str, tuple[float, float, float]] = {
 _DEFAULT_LR = {"smax": (1e-4, 1e-3, 3e-4), "flatland": (5e-4, 5e-4, 2e-4), "mamujoco": (3e-4, 1e-5, 1e-5)}
 
 # The cheaper default: same architecture and losses, lower replay ratio (documented in README).
-_FAST = {"model": dict(train_steps=10, batch_size=16, seq_len=20), "ppo": dict(updates=1, epochs=4, imagine_batch=16)}
+_FAST = {"model": dict(train_steps=10, batch_size=16, seq_len=20),
+         "ppo": dict(updates=1, epochs=4, imagine_batch=16, imagine_seq_len=20)}
 # For tests: tiny networks, a few updates.
 _TINY = {
     "model": dict(hidden=32, deter=32, embed=32, n_categoricals=4, n_classes=4, train_steps=2, batch_size=4, seq_len=8),
