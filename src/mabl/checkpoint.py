@@ -66,19 +66,20 @@ def _replace_durably(tmp: str, path: Path) -> None:
         os.close(dfd)
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (tmp file + fsync + rename)."""
+def _atomic_write(path: str | Path, mode: str, write: Callable[[Any], None],
+                  replace: Callable[[str, Path], None] = _replace_durably) -> Path:
+    """Write ``path`` atomically: a temp file in the same directory, fsync, then ``replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):
             os.fchmod(fd, _umask_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        _replace_durably(tmp, path)
+        replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -86,22 +87,13 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` atomically (tmp file + fsync + rename)."""
+    return _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, _umask_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_write(path, "w", lambda f: f.write(text), os.replace)
 
 
 def remove_stale_temporaries(ckpt_dir: str | Path) -> list[Path]:

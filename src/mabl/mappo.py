@@ -305,11 +305,7 @@ class MAPPO(nn.Module):
             with torch.no_grad():
                 cin = self.critic_features(traj.feat_a, traj.feat_g)
                 values = self.critic(cin)
-        reward = traj.reward.mean(-1, keepdim=True).expand_as(traj.reward) if cfg.team_reward else traj.reward
-        adv, ret = gae(reward, values, traj.cont, cfg.gamma, cfg.gae_lambda)
-        weight = reach_weights(traj.cont)
-        if cfg.normalize_advantage:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+        adv, ret, weight = self._advantages(traj, values)
         H, M = traj.raw.shape[:2]
         K = H * M
         flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
@@ -341,6 +337,15 @@ class MAPPO(nn.Module):
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
         return out
 
+    def _advantages(self, traj: Imagined, values: torch.Tensor):
+        """GAE advantages (normalized if configured), returns and reach weights of a trajectory."""
+        cfg = self.cfg
+        reward = traj.reward.mean(-1, keepdim=True).expand_as(traj.reward) if cfg.team_reward else traj.reward
+        adv, ret = gae(reward, values, traj.cont, cfg.gamma, cfg.gae_lambda)
+        if cfg.normalize_advantage:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+        return adv, ret, reach_weights(traj.cont)
+
     def _train_round_fast(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:
         """:meth:`train_round` with ``Speed.fast_critic``: features kept in the compute dtype (no
         2560-wide critic input is ever built), critic values of all imagined states in chunked
@@ -362,11 +367,7 @@ class MAPPO(nn.Module):
             chunk = max(1, 8192 // max(1, fa.shape[2]) * 4)
             values = torch.cat([self.critic.forward_split(parts(flat_a[i:i + chunk], None if flat_g is None else flat_g[i:i + chunk]), dt)
                                 for i in range(0, flat_a.shape[0], chunk)]).view(Hp1, M, -1)
-        reward = traj.reward.mean(-1, keepdim=True).expand_as(traj.reward) if cfg.team_reward else traj.reward
-        adv, ret = gae(reward, values, traj.cont, cfg.gamma, cfg.gae_lambda)
-        weight = reach_weights(traj.cont)
-        if cfg.normalize_advantage:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+        adv, ret, weight = self._advantages(traj, values)
         H, M = traj.raw.shape[:2]
         K = H * M
         flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
