@@ -110,3 +110,35 @@ def test_continuous_actor_log_prob_is_consistent():
     lp, _ = actor.log_prob_entropy(f, u)
     mass = lp.exp().sum() * (g[1] - g[0]) ** 2
     assert 0.9 < float(mass) < 1.05
+
+
+def test_no_bootstrap_ends_return_at_horizon():
+    """ppo.bootstrap=False: V(s_H) does not enter the return; True: it does (γ c V(s_H))."""
+    from types import SimpleNamespace
+
+    from mabl.config import PPOConfig
+    from mabl.mappo import MAPPO, Imagined
+
+    H, M, N = 3, 2, 2
+    reward = torch.ones(H, M, N)
+    cont = torch.ones(H, M, N)
+    values = torch.zeros(H + 1, M, N)
+    values[-1] = 100.0
+    traj = Imagined(feat_a=torch.zeros(H + 1, M, N, 1), feat_g=None, raw=torch.zeros(H, M, N, dtype=torch.long),
+                    logp=torch.zeros(H, M, N), avail=None, reward=reward, cont=cont)
+    g, lam = 0.9, 1.0
+    for boot, tail in ((False, 0.0), (True, 100.0)):
+        cfg = PPOConfig(gamma=g, gae_lambda=lam, normalize_advantage=False, bootstrap=boot)
+        _, ret, _ = MAPPO._advantages(SimpleNamespace(cfg=cfg), traj, values)
+        expect = 1 + g + g**2 + g**3 * tail  # λ=1: the discounted sum from step 0
+        assert torch.allclose(ret[0], torch.full((M, N), expect))
+
+
+def test_presets_bootstrap_and_update_schedule():
+    """`paper` is Table 3 as written (bootstrapped returns, an update after every episode);
+    `fast` ends imagined returns at the horizon and updates every 4 episodes (README, Presets)."""
+    paper, fast = make_config("paper", "smax:3m"), make_config("fast", "smax:3m")
+    assert paper.ppo.bootstrap and paper.run.train_every == 1 and paper.ppo.updates == 4 and paper.ppo.epochs == 5
+    assert not fast.ppo.bootstrap and fast.run.train_every == 4
+    # a user override still wins over the preset
+    assert make_config("fast", "smax:3m", {"ppo": {"bootstrap": True}, "run": {"train_every": 1}}).ppo.bootstrap

@@ -61,6 +61,10 @@ class PPOConfig:
     critic_input: str = "global+agent"  # "global+agent" | "global" (Flatland, App. B.1) | "agent"
     attention_heads: int = 4
     normalize_advantage: bool = True
+    # Bootstrap the imagined return with the critic's value of the last imagined state (the paper).
+    # False ends every imagined return at the horizon: with an undertrained world model the critic's
+    # "being alive is worth V" at s_H rewards imagined survival (e.g. fleeing in SMAX) over reward.
+    bootstrap: bool = True
     team_reward: bool = True  # average the per-agent predicted rewards into one team reward
     imagine_batch: int = 40  # sequences drawn from the buffer for one imagination round
     imagine_seq_len: int = 20
@@ -143,7 +147,8 @@ _DEFAULT_LR = {"smax": (1e-4, 1e-3, 3e-4), "flatland": (5e-4, 5e-4, 2e-4), "mamu
 
 # The cheaper default: same architecture and losses, lower replay ratio (documented in README).
 _FAST = {"model": dict(train_steps=10, batch_size=16, seq_len=20),
-         "ppo": dict(updates=1, epochs=4, imagine_batch=16, imagine_seq_len=20)}
+         "ppo": dict(updates=1, epochs=4, imagine_batch=16, imagine_seq_len=20, bootstrap=False),
+         "run": dict(train_every=4)}
 # For tests: tiny networks, a few updates.
 _TINY = {
     "model": dict(hidden=32, deter=32, embed=32, n_categoricals=4, n_classes=4, train_steps=2, batch_size=4, seq_len=8),

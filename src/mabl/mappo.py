@@ -341,6 +341,8 @@ class MAPPO(nn.Module):
         """GAE advantages (normalized if configured), returns and reach weights of a trajectory."""
         cfg = self.cfg
         reward = traj.reward.mean(-1, keepdim=True).expand_as(traj.reward) if cfg.team_reward else traj.reward
+        if not cfg.bootstrap:  # the return ends at the horizon: V(s_H) = 0
+            values = torch.cat([values[:-1], torch.zeros_like(values[-1:])], 0)
         adv, ret = gae(reward, values, traj.cont, cfg.gamma, cfg.gae_lambda)
         if cfg.normalize_advantage:
             adv = (adv - adv.mean()) / (adv.std() + 1e-6)
