@@ -99,3 +99,26 @@ def test_unknown_section_and_parse_set():
 def test_console_script_reports_missing_subcommand():
     out = subprocess.run([sys.executable, "-m", "mabl.cli"], capture_output=True, text=True)
     assert out.returncode == 2 and "command" in out.stderr
+
+
+def test_update_schedule_by_episodes_or_env_steps(tmp_path):
+    """run.train_every counts episodes; run.train_every_steps > 0 counts env steps, carrying the remainder."""
+    rows_of = lambda d: [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    cfg = tiny_cfg(tmp_path, steps=200, train_every=2, eval_every=10**9, checkpoint_every=10**9)
+    train(cfg)
+    rows = rows_of(tmp_path / "run")
+    updated = [r["episode"] for r in rows if "model/loss" in r]
+    min_buffer = cfg.run.min_buffer
+    assert updated and updated == [r["episode"] for r in rows if r["episode"] % 2 == 0 and r["env_steps"] >= min_buffer]
+
+    cfg = tiny_cfg(tmp_path / "b", steps=200, train_every_steps=25, min_buffer=0, eval_every=10**9,
+                   checkpoint_every=10**9)
+    train(cfg)
+    rows = rows_of(tmp_path / "b" / "run")
+    # with min_buffer 0 every env step counts: the learner has done floor(steps / 25) updates after each episode
+    for r in rows:
+        expected = r["env_steps"] // 25
+        assert r.get("learner/updates", None) in (None, expected)
+    assert rows[-1]["env_steps"] // 25 == max(r.get("learner/updates", 0) for r in rows) > 0
+    with pytest.raises(ConfigError, match="train_every_steps"):
+        make_config("tiny", "smax:3m", {"run": {"train_every_steps": -1}})

@@ -80,6 +80,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     min_buffer: int = 500  # env steps collected before learning starts
     train_every: int = 1  # episodes between learner updates (Table 2 'Trajectories between updates')
+    # > 0: schedule by env steps instead: one learner update per this many env steps collected (the
+    # remainder carries over), whatever the episode lengths; train_every is then ignored
+    train_every_steps: int = 0
     eval_every: int = 5_000  # env steps between evaluations
     eval_episodes: int = 10
     checkpoint_every: int = 10_000
@@ -252,7 +255,7 @@ _POSITIVE_FLOAT = {
     "model": ("lr", "grad_clip"),
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip"),
 }
-_NON_NEGATIVE = {"model": ("kl_scale",), "ppo": ("entropy",), "run": ("min_buffer", "threads")}
+_NON_NEGATIVE = {"model": ("kl_scale",), "ppo": ("entropy",), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
 _AT_MOST = {
     ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,
@@ -419,7 +422,8 @@ def check_env_name(name: str) -> None:
 # What a resumed run must keep: every network/optimiser/schedule key (model.*, ppo.*) and the
 # run keys that define the data stream. The other run.* keys (budget, logging, checkpoints,
 # device, threads, speed switches such as bf16/compile/fused_*) may change on resume.
-RESUME_STRICT_RUN = frozenset({"run.env", "run.seed", "run.env_options", "run.min_buffer", "run.train_every"})
+RESUME_STRICT_RUN = frozenset({"run.env", "run.seed", "run.env_options", "run.min_buffer", "run.train_every",
+                               "run.train_every_steps"})
 
 
 def resume_safe(key: str) -> bool:

@@ -338,6 +338,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.env_steps = 0
         self.episodes = 0
+        self.steps_since_update = 0  # env steps collected since the last update (run.train_every_steps)
         self.stream_total = 0  # buffer rows ever added (the buffer holds the newest len(buffer))
         self.wall = 0.0  # training wall time, summed across resumes
         self.next_eval = rc.eval_every
@@ -371,7 +372,7 @@ class Trainer:
             "buffer": buffer_entry or {},
             "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "next_eval": self.next_eval,
                          "next_ckpt": self.next_ckpt, "wall": self.wall, "stream_total": self.stream_total,
-                         "guard_step": g.step, "guard_skipped": g.skipped},
+                         "guard_step": g.step, "guard_skipped": g.skipped, "steps_since_update": self.steps_since_update},
             "last_eval": json.dumps(self.last_eval),
             "rng": rng,
         }
@@ -406,6 +407,7 @@ class Trainer:
             self.next_eval, self.next_ckpt, self.wall = int(c["next_eval"]), int(c["next_ckpt"]), float(c["wall"])
             self.learner.guard.step = int(c.get("guard_step", 0))
             self.learner.guard.skipped = int(c.get("guard_skipped", 0))
+            self.steps_since_update = int(c.get("steps_since_update", 0))
             self.last_eval = json.loads(state["last_eval"])
             self.rng.bit_generator.state = json.loads(state["rng"]["numpy"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -499,8 +501,11 @@ class Trainer:
                     row["won"] = float(stats.won)
                 row.update(stats.info)
                 t1 = time.perf_counter()
-                if len(self.buffer) >= rc.min_buffer and self.episodes % rc.train_every == 0:
+                due = self._updates_due(stats.length)
+                for _ in range(due):
                     row.update(self.learner.update(self.buffer, self.rng))
+                if due:
+                    row["learner/updates"] = self.learner.updates
                 if rc.skip_nonfinite:
                     row["guard/skipped"] = self.learner.guard.skipped
                 self.wall += time.perf_counter() - t0
@@ -519,6 +524,20 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
+
+    def _updates_due(self, episode_length: int) -> int:
+        """Learner updates after the episode just collected: one every ``run.train_every`` episodes,
+        or with ``run.train_every_steps > 0`` one per that many env steps (the remainder carries over
+        to the next episode, so long and short episodes get the same updates per env step). Nothing
+        before the buffer holds ``run.min_buffer`` steps."""
+        rc = self.cfg.run
+        if len(self.buffer) < rc.min_buffer:
+            return 0
+        if rc.train_every_steps <= 0:
+            return int(self.episodes % rc.train_every == 0)
+        self.steps_since_update += episode_length
+        n, self.steps_since_update = divmod(self.steps_since_update, rc.train_every_steps)
+        return n
 
     def _divergence_report(self, e: DivergenceError) -> DivergenceError:
         """The guard's line plus where the run stood; also written to ``divergence.json``."""
