@@ -25,7 +25,11 @@ def check_timestep(spec: EnvSpec, ts: TimeStep) -> None:
     assert ts.reward.shape == (spec.n_agents,) and ts.reward.dtype == np.float32
     assert np.isfinite(ts.obs).all() and np.isfinite(ts.state).all() and np.isfinite(ts.reward).all()
     if not spec.has_action_mask:
-        assert ts.avail.all()
+        if spec.action_dims is None:
+            assert ts.avail.all()
+        else:  # continuous actions of unequal agents: avail marks the dimensions each agent drives
+            expected = np.arange(spec.action_dim)[None, :] < np.asarray(spec.action_dims)[:, None]
+            np.testing.assert_array_equal(ts.avail, expected)
     assert ts.avail.any(axis=1).all(), "every agent needs at least one available action"
 
 

@@ -28,7 +28,9 @@ def test_spec_and_dims(humanoid):
     assert not spec.discrete and not spec.has_action_mask and not spec.has_win
     assert spec.episode_limit == 1000
     ts = humanoid.reset(seed=0)
-    assert ts.avail.shape == (2, 9) and ts.avail.all()
+    # avail marks the driven dimensions: agent 1's ninth is padding
+    assert spec.action_dims == (9, 8)
+    assert ts.avail.shape == (2, 9) and ts.avail[0].all() and ts.avail[1, :8].all() and not ts.avail[1, 8]
     # one-hot agent ids after the padded observation; agent 1 (170 values) is zero-padded to 242
     np.testing.assert_array_equal(ts.obs[:, 242:], np.eye(2, dtype=np.float32))
     assert (ts.obs[1, 170:242] == 0).all()

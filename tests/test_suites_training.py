@@ -60,6 +60,7 @@ def test_mamujoco_humanoid_trains_continuous(tmp_path):
     # the global recurrence takes the joint continuous action of both agents
     n, a = learner.spec.n_agents, learner.spec.action_dim
     assert learner.model.global_in.in_dims[1] == n * a == 18
+    assert learner.spec.action_dims == (9, 8) and learner.algo.actor.dim_mask.tolist()[1] == [True] * 8 + [False]
     assert cfg2.run.env == "mamujoco:Humanoid-9|8"
 
 
@@ -172,3 +173,30 @@ def test_learner_update_on_continuous_spec_is_finite():
     out = learner.update(buf, rng)
     assert all(math.isfinite(v) for v in out.values() if isinstance(v, float))
     assert "policy/entropy" in out and "model/action" in out
+
+
+def test_padding_action_dims_are_never_sampled_and_add_no_log_prob():
+    """Unequal agents (EnvSpec.action_dims): agent 1's padding dimension is exactly 0 and contributes
+    nothing to log-probabilities or entropy, whether the mask comes from the env (avail) or the actor."""
+    from mabl.policy import Actor
+
+    torch.manual_seed(0)
+    actor = Actor(8, 3, 16, 1, discrete=False, action_dims=(3, 2))
+    feat = torch.randn(50, 2, 8)
+    for avail in (None, torch.tensor([[True, True, True], [True, True, False]]).expand(50, 2, 3)):
+        mean, log_std = actor.params(feat, avail)
+        raw, act, logp = actor.sample_from_params(mean, log_std)
+        assert (raw[:, 1, 2] == 0).all() and (act[:, 1, 2] == 0).all() and (raw[:, 0, 2] != 0).all()
+        # agent 1's log-prob and entropy equal those of a 2-dimensional actor on its first two dims
+        full_mean, full_log_std = actor.params_from_out(actor.net(feat), torch.ones(50, 2, 3, dtype=torch.bool))
+        two = tanh_gaussian_log_prob(raw[:, 1, :2], full_mean[:, 1, :2], full_log_std[:, 1, :2])
+        assert torch.allclose(logp[:, 1], two, atol=1e-5)
+        lp, ent = actor.log_prob_entropy_from_params(mean, log_std, raw)
+        assert torch.allclose(lp, logp, atol=1e-5)
+        ent_two = (full_log_std[:, 1, :2] + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+        assert torch.allclose(ent[:, 1], ent_two, atol=1e-5)
+        assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    # deterministic acting: the padding is 0 too
+    mean, log_std = actor.params(feat)
+    raw, _, logp = actor.sample_from_params(mean, log_std, deterministic=True)
+    assert (raw[:, 1, 2] == 0).all() and torch.isfinite(logp).all()

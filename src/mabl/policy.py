@@ -3,7 +3,11 @@
 Discrete: a categorical over ``action_dim`` logits with unavailable actions masked out.
 Continuous: a squashed Gaussian: u ~ N(μ, σ), a = tanh(u) in [-1, 1]. The actor keeps
 the pre-squash ``u`` as "the action" for PPO so log-probabilities are exact:
-log π(a) = log N(u; μ, σ) - Σ log(1 - tanh(u)^2).
+log π(a) = log N(u; μ, σ) - Σ log(1 - tanh(u)^2). Where agents drive different numbers of
+actuators (``EnvSpec.action_dims``), an agent's padding dimensions are marked by a log-std of
+:data:`PAD_LOG_STD`: they are never sampled (u = 0, so the env and the world model see 0) and
+add nothing to the log-probability or the entropy. The mask is the ``avail`` argument when one is
+given (the env's per-step mask, True on driven dimensions), else the actor's static per-agent mask.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from torch import nn
 from mabl.nets import mlp
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+PAD_LOG_STD = -100.0  # below LOG_STD_MIN: marks a padding dimension of a continuous action
 _MASKED = -1e9
 
 
@@ -30,20 +35,30 @@ def masked_logits(logits: torch.Tensor, avail: torch.Tensor | None) -> torch.Ten
 
 
 def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """log-density of a = tanh(u) with u ~ N(mean, exp(log_std)), summed over action dims."""
+    """log-density of a = tanh(u) with u ~ N(mean, exp(log_std)), summed over the action dims
+    (padding dimensions, log_std = :data:`PAD_LOG_STD`, excluded)."""
+    valid = log_std >= LOG_STD_MIN
+    if not bool(valid.all()):
+        log_std = torch.where(valid, log_std, torch.zeros_like(log_std))
     var = (2 * log_std).exp()
     normal = -0.5 * ((u - mean) ** 2 / var + 2 * log_std + math.log(2 * math.pi))
     # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), numerically stable
     log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
-    return (normal - log_det).sum(-1)
+    return torch.where(valid, normal - log_det, torch.zeros_like(normal)).sum(-1)
 
 
 class Actor(nn.Module):
-    def __init__(self, in_dim: int, action_dim: int, hidden: int, layers: int, discrete: bool):
+    def __init__(self, in_dim: int, action_dim: int, hidden: int, layers: int, discrete: bool,
+                 action_dims: tuple[int, ...] | None = None):
         super().__init__()
         self.discrete = discrete
         self.action_dim = action_dim
         self.net = mlp(in_dim, hidden, layers, action_dim if discrete else 2 * action_dim)
+        # continuous actions of unequal agents: [N, A] True on the dimensions agent i drives
+        mask = None
+        if not discrete and action_dims is not None:
+            mask = torch.arange(action_dim)[None, :] < torch.tensor(action_dims)[:, None]
+        self.register_buffer("dim_mask", mask, persistent=False)
 
     def params(self, feat: torch.Tensor, avail: torch.Tensor | None = None):
         return self.params_from_out(self.net(feat), avail)
@@ -54,7 +69,13 @@ class Actor(nn.Module):
         if self.discrete:
             return masked_logits(out, avail), None
         mean, log_std = out.chunk(2, -1)
-        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        mask = avail if avail is not None else self.dim_mask
+        if mask is not None and not bool(mask.all()):
+            mask = mask.bool()
+            mean = torch.where(mask, mean, torch.zeros_like(mean))
+            log_std = torch.where(mask, log_std, torch.full_like(log_std, PAD_LOG_STD))
+        return mean, log_std
 
     def sample(self, feat, avail=None, deterministic: bool = False):
         """Returns ``(raw, env_action, log_prob)``: raw is the index / pre-squash u."""
@@ -69,6 +90,8 @@ class Actor(nn.Module):
             logp = p.log_softmax(-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
             return idx, idx, logp
         u = p if deterministic else p + log_std.exp() * torch.randn_like(p)
+        if not deterministic and bool((log_std < LOG_STD_MIN).any()):  # padding dimensions: exactly 0
+            u = torch.where(log_std >= LOG_STD_MIN, u, torch.zeros_like(u))
         return u, torch.tanh(u), tanh_gaussian_log_prob(u, p, log_std)
 
     def log_prob_entropy(self, feat, raw, avail=None):
@@ -81,7 +104,8 @@ class Actor(nn.Module):
             ent = -(logp_all.exp() * logp_all).sum(-1)
             return logp, ent
         logp = tanh_gaussian_log_prob(raw, p, log_std)
-        ent = (log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)  # entropy of u (pre-squash)
+        ent = (log_std + 0.5 * math.log(2 * math.pi * math.e))  # entropy of u (pre-squash), per dim
+        ent = torch.where(log_std >= LOG_STD_MIN, ent, torch.zeros_like(ent)).sum(-1)
         return logp, ent
 
     def env_to_model_action(self, raw: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,10 @@ class EnvSpec:
         has_action_mask: whether the environment restricts actions per step.
         episode_limit: maximum number of steps before truncation.
         has_win: whether episodes end with a win/loss flag (SMAC-like tasks).
+        action_dims: continuous tasks whose agents drive different numbers of actuators: agent i's
+            action is the first ``action_dims[i]`` of ``action_dim`` values, the rest is padding
+            that the actor never samples (always 0) and that adds nothing to log-probabilities or
+            entropy. ``None``: every agent uses all ``action_dim``.
     """
 
     name: str
@@ -39,6 +43,7 @@ class EnvSpec:
     has_action_mask: bool = False
     episode_limit: int = 1000
     has_win: bool = False
+    action_dims: tuple[int, ...] | None = None
 
 
 @dataclass

@@ -11,7 +11,8 @@ Per step the adapter returns
   170), normalised (see below), zero-padded to 242, then a one-hot agent id (2 values).
 * ``state`` float32 ``[348]``: ``env.state()``, the single-agent Gymnasium observation, normalised
   the same way.
-* ``avail`` bool ``[2, 9]``: all True (continuous actions).
+* ``avail`` bool ``[2, 9]``: which action dimensions the agent drives (agent 1's ninth is padding:
+  ``EnvSpec.action_dims = (9, 8)``; the actor never samples it).
 * ``reward`` float32 ``[2]``: the team reward (the single-agent Gymnasium reward) times
   ``reward_scale``, the same for both agents.
 
@@ -147,9 +148,10 @@ class MaMuJoCoEnv:
             has_action_mask=False,
             episode_limit=EPISODE_LIMIT,
             has_win=False,
+            action_dims=tuple(self._act_sizes) if len(set(self._act_sizes)) > 1 else None,
         )
         self._seeds = np.random.default_rng(int(seed))
-        self._avail = np.ones((n, self.spec.action_dim), dtype=bool)
+        self._avail = np.arange(self.spec.action_dim)[None, :] < np.asarray(self._act_sizes)[:, None]
         self._done = True
 
     def _timestep(self, obs: dict, reward: float, terminated: bool, truncated: bool) -> TimeStep:
