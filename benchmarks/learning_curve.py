@@ -153,7 +153,7 @@ def main(argv=None) -> int:
 - command: `{cmd}` (training run directory `{run_dir}`)
 - commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}
 - budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={cfg.run.bf16}, {every}: {cfg.model.train_steps} model updates and {cfg.ppo.updates} imagination round(s), bootstrap={cfg.ppo.bootstrap}, entropy={cfg.ppo.entropy:g})
-- final eval {key.replace('_', ' ')} (greedy, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
+- final eval {key.replace('_', ' ')} ({'greedy' if getattr(cfg.run, 'eval_greedy', True) else 'sampled actions'}, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
 - random policy, same script and evaluation seeds ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}
 - curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`
 

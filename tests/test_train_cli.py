@@ -122,3 +122,23 @@ def test_update_schedule_by_episodes_or_env_steps(tmp_path):
     assert rows[-1]["env_steps"] // 25 == max(r.get("learner/updates", 0) for r in rows) > 0
     with pytest.raises(ConfigError, match="train_every_steps"):
         make_config("tiny", "smax:3m", {"run": {"train_every_steps": -1}})
+
+
+def test_periodic_eval_greedy_or_sampled(tmp_path, monkeypatch):
+    import mabl.train as T
+
+    seen = []
+    real = T.evaluate
+
+    def spy(*a, **k):
+        seen.append(k["deterministic"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", spy)
+    train(tiny_cfg(tmp_path / "s", steps=80, eval_every=40, checkpoint_every=10**9, eval_greedy=False))
+    assert seen and not any(seen)
+    seen.clear()
+    train(tiny_cfg(tmp_path / "g", steps=80, eval_every=40, checkpoint_every=10**9))
+    assert seen and all(seen)
+    with pytest.raises(ConfigError, match="eval_greedy"):
+        make_config("tiny", "smax:3m", {"run": {"eval_greedy": "yes"}})

@@ -85,6 +85,7 @@ class RunConfig:
     train_every_steps: int = 0
     eval_every: int = 5_000  # env steps between evaluations
     eval_episodes: int = 10
+    eval_greedy: bool = True  # periodic evaluation with the policy's mode; false: sampled actions
     checkpoint_every: int = 10_000
     keep_checkpoints: int = 3
     log_every: int = 1  # episodes between metric rows

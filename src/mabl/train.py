@@ -559,7 +559,8 @@ class Trainer:
         torch.manual_seed(self.cfg.run.seed + EVAL_SEED_OFFSET + self.env_steps)
         try:
             res = evaluate(self.eval_env, self.learner.policy, self.cfg.run.eval_episodes,
-                           EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919, self.device, deterministic=True)
+                           EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919, self.device,
+                           deterministic=self.cfg.run.eval_greedy)
         finally:
             torch.set_rng_state(torch_state)
         self.last_eval = res
