@@ -146,14 +146,14 @@ def main(argv=None) -> int:
         table.append(f"| {int(r['env_steps']):,} | {float(r['wall_s']) / 60:.0f} | {float(r[key]):.3f} | "
                      + " | ".join(f"{float(r[e]):.3f}" for e in extra) + (" |" if extra else ""))
     cmd = "python benchmarks/learning_curve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    steps_every = getattr(cfg.run, "train_every_steps", 0)
+    steps_every = cfg.run.train_every_steps
     every = f"every {steps_every} env steps" if steps_every > 0 else f"every {cfg.run.train_every} episode(s)"
     body = f"""### Learning curve: `{cfg.run.env}`, preset `{cfg.preset}`, seed {cfg.run.seed}
 
 - command: `{cmd}` (training run directory `{run_dir}`)
 - commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}
 - budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={cfg.run.bf16}, {every}: {cfg.model.train_steps} model updates and {cfg.ppo.updates} imagination round(s), bootstrap={cfg.ppo.bootstrap}, entropy={cfg.ppo.entropy:g})
-- final eval {key.replace('_', ' ')} ({'greedy' if getattr(cfg.run, 'eval_greedy', True) else 'sampled actions'}, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
+- final eval {key.replace('_', ' ')} ({'greedy' if cfg.run.eval_greedy else 'sampled actions'}, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
 - random policy, same script and evaluation seeds ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}
 - curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`
 

@@ -181,7 +181,7 @@ def test_padding_action_dims_are_never_sampled_and_add_no_log_prob():
     from mabl.policy import Actor
 
     torch.manual_seed(0)
-    actor = Actor(8, 3, 16, 1, discrete=False, action_dims=(3, 2))
+    actor = Actor(8, 3, 16, 1, discrete=False, dim_mask=EnvSpec("t:c", 2, 8, 4, 3, discrete=False, action_dims=(3, 2)).action_dim_mask())
     feat = torch.randn(50, 2, 8)
     for avail in (None, torch.tensor([[True, True, True], [True, True, False]]).expand(50, 2, 3)):
         mean, log_std = actor.params(feat, avail)

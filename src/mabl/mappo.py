@@ -260,7 +260,7 @@ class MAPPO(nn.Module):
     def __init__(self, spec: EnvSpec, model: BiLevelWorldModel, cfg: PPOConfig):
         super().__init__()
         self.spec, self.cfg = spec, cfg
-        self.actor = Actor(model.feat_a, spec.action_dim, cfg.hidden, cfg.layers, spec.discrete, spec.action_dims)
+        self.actor = Actor(model.feat_a, spec.action_dim, cfg.hidden, cfg.layers, spec.discrete, spec.action_dim_mask())
         self.critic_input = cfg.critic_input if model.bilevel else "agent"
         cin = {"global+agent": model.feat_a + model.feat_g, "global": model.feat_g, "agent": model.feat_a}[self.critic_input]
         self.critic = AttentionCritic(cin, cfg.hidden, cfg.layers, cfg.attention_heads)

@@ -49,15 +49,14 @@ def tanh_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.T
 
 class Actor(nn.Module):
     def __init__(self, in_dim: int, action_dim: int, hidden: int, layers: int, discrete: bool,
-                 action_dims: tuple[int, ...] | None = None):
+                 dim_mask=None):
         super().__init__()
         self.discrete = discrete
         self.action_dim = action_dim
         self.net = mlp(in_dim, hidden, layers, action_dim if discrete else 2 * action_dim)
         # continuous actions of unequal agents: [N, A] True on the dimensions agent i drives
-        mask = None
-        if not discrete and action_dims is not None:
-            mask = torch.arange(action_dim)[None, :] < torch.tensor(action_dims)[:, None]
+        # (EnvSpec.action_dim_mask())
+        mask = None if discrete or dim_mask is None else torch.as_tensor(dim_mask, dtype=torch.bool)
         self.register_buffer("dim_mask", mask, persistent=False)
 
     def params(self, feat: torch.Tensor, avail: torch.Tensor | None = None):

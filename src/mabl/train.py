@@ -691,10 +691,7 @@ def load_for_eval(path: str | Path, device: str = "cpu") -> tuple[Config, MABLLe
         cfg = config_from_dict(json.loads(state["config"]))
         from mabl.envs.base import EnvSpec
 
-        fields = json.loads(state["spec"])
-        if fields.get("action_dims") is not None:
-            fields["action_dims"] = tuple(fields["action_dims"])
-        spec = EnvSpec(**fields)
+        spec = EnvSpec(**json.loads(state["spec"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {state['_path']!r} lacks a valid config/spec ({e})") from None
     learner = MABLLearner(spec, cfg, resolve_device(device))

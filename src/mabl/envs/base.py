@@ -45,6 +45,17 @@ class EnvSpec:
     has_win: bool = False
     action_dims: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        if self.action_dims is not None:  # e.g. a list read back from a checkpoint's JSON
+            object.__setattr__(self, "action_dims", tuple(int(k) for k in self.action_dims))
+
+    def action_dim_mask(self) -> np.ndarray | None:
+        """``[n_agents, action_dim]`` bool, True on the action dimensions agent i drives; ``None``
+        when every agent drives all of them."""
+        if self.action_dims is None:
+            return None
+        return np.arange(self.action_dim)[None, :] < np.asarray(self.action_dims)[:, None]
+
 
 @dataclass
 class TimeStep:

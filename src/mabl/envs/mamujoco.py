@@ -151,7 +151,8 @@ class MaMuJoCoEnv:
             action_dims=tuple(self._act_sizes) if len(set(self._act_sizes)) > 1 else None,
         )
         self._seeds = np.random.default_rng(int(seed))
-        self._avail = np.arange(self.spec.action_dim)[None, :] < np.asarray(self._act_sizes)[:, None]
+        mask = self.spec.action_dim_mask()
+        self._avail = np.ones((n, self.spec.action_dim), dtype=bool) if mask is None else mask
         self._done = True
 
     def _timestep(self, obs: dict, reward: float, terminated: bool, truncated: bool) -> TimeStep:
