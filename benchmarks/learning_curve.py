@@ -30,7 +30,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from mabl.config import config_from_dict, make_config, parse_set  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
-from mabl.train import EVAL_SEED_OFFSET, evaluate, train  # noqa: E402
+from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, mean_ci, run_episode, train, wilson_ci  # noqa: E402
+
+# seeds of the final trained-vs-random comparison: fresh maps, shared by neither training nor periodic evaluation
+FINAL_SEED = 2_000_003
 
 
 class RandomPolicy:
@@ -52,6 +55,55 @@ class RandomPolicy:
         else:
             a = torch.as_tensor(self.rng.uniform(-1, 1, (n, self.spec.action_dim)).astype(np.float32))
         return a, a, carry, None
+
+
+def final_comparison(run_dir: Path, episodes: int, seed: int, policy_seed: int) -> dict:
+    """The run's newest checkpoint, greedy and sampled, against the random policy on the same
+    ``episodes`` fresh episode seeds: per-policy mean return (95% t interval), win rate / arrival,
+    and the paired per-episode return difference trained - random with its 95% t interval.
+    """
+    cfg, learner, state = load_for_eval(run_dir, "cpu")
+    env = make_env(cfg.run.env, seed=seed, **cfg.run.env_options)
+    torch.manual_seed(seed)
+    policies = {"greedy": (learner.policy, True), "sampled": (learner.policy, False),
+                "random": (RandomPolicy(env.spec, policy_seed), False)}
+    per: dict[str, list] = {}
+    for name, (pol, det) in policies.items():
+        per[name] = [run_episode(env, pol, seed + k, det, torch.device("cpu"), record=False)[1] for k in range(episodes)]
+    out: dict = {"episodes": episodes, "seed": seed, "checkpoint_env_steps": int(state["counters"]["env_steps"])}
+    rnd = np.array([s.ret for s in per["random"]])
+    for name, stats in per.items():
+        rets = np.array([s.ret for s in stats])
+        row = {"return": float(rets.mean()), "return_ci95": list(mean_ci(rets))}
+        if env.spec.has_win:
+            wins = sum(bool(s.won) for s in stats)
+            row.update(win_rate=wins / episodes, win_rate_ci95=list(wilson_ci(wins, episodes)))
+        for key in stats[0].info:
+            row[key] = float(np.mean([s.info.get(key, 0.0) for s in stats]))
+        if name != "random":
+            diff = rets - rnd
+            row.update(diff_vs_random=float(diff.mean()), diff_vs_random_ci95=list(mean_ci(diff)))
+        out[name] = row
+    return out
+
+
+def comparison_lines(cmp: dict) -> str:
+    def fmt(name, row):
+        lo, hi = row["return_ci95"]
+        text = f"return {row['return']:.2f} [{lo:.2f}, {hi:.2f}]"
+        if "win_rate" in row:
+            wl, wh = row["win_rate_ci95"]
+            text += f", win rate {row['win_rate']:.3f} [{wl:.2f}, {wh:.2f}]"
+        if "arrived_fraction" in row:
+            text += f", arrived {row['arrived_fraction']:.3f}"
+        if "diff_vs_random" in row:
+            dl, dh = row["diff_vs_random_ci95"]
+            text += f"; paired return difference vs random {row['diff_vs_random']:+.2f} [{dl:+.2f}, {dh:+.2f}]"
+        return f"  - {name}: {text}"
+
+    head = (f"- final checkpoint ({cmp['checkpoint_env_steps']:,} env steps) against the random policy on the same "
+            f"{cmp['episodes']} fresh episode seeds ({cmp['seed']}...; 95% intervals):")
+    return "\n".join([head] + [fmt(n, cmp[n]) for n in ("greedy", "sampled", "random")])
 
 
 def machine() -> str:
@@ -103,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir")
     p.add_argument("--report-only", action="store_true", help="do not train; report an existing run directory")
     p.add_argument("--random-episodes", type=int, default=50)
+    p.add_argument("--final-episodes", type=int, default=0,
+                   help="also evaluate the final checkpoint (greedy and sampled) and the random policy on this many "
+                        "fresh, shared episode seeds, with a paired difference (0: skip)")
     p.add_argument("--name", help="section name in BENCHMARKS.md (default curve:<env>:<preset>:s<seed>)")
     p.add_argument("--note", default="", help="a sentence added under the table")
     args = p.parse_args(argv)
@@ -126,6 +181,8 @@ def main(argv=None) -> int:
     env = make_env(cfg.run.env, seed=cfg.run.seed + EVAL_SEED_OFFSET, **cfg.run.env_options)
     rnd = evaluate(env, RandomPolicy(env.spec, args.seed), args.random_episodes,
                    EVAL_SEED_OFFSET + cfg.run.seed * 7_919, torch.device("cpu"), deterministic=False)
+
+    cmp = final_comparison(run_dir, args.final_episodes, FINAL_SEED, args.seed) if args.final_episodes > 0 else None
 
     name = args.name or f"curve:{cfg.run.env}:{cfg.preset}:s{cfg.run.seed}"
     slug = name.replace(":", "_").replace("|", "-")
@@ -155,7 +212,7 @@ def main(argv=None) -> int:
 - budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={cfg.run.bf16}, {every}: {cfg.model.train_steps} model updates and {cfg.ppo.updates} imagination round(s), bootstrap={cfg.ppo.bootstrap}, entropy={cfg.ppo.entropy:g})
 - final eval {key.replace('_', ' ')} ({'greedy' if cfg.run.eval_greedy else 'sampled actions'}, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
 - random policy, same script and evaluation seeds ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}
-- curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`
+{comparison_lines(cmp) + chr(10) if cmp else ""}- curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`
 
 {chr(10).join(table)}
 """
@@ -165,6 +222,8 @@ def main(argv=None) -> int:
     out = {"env": cfg.run.env, "preset": cfg.preset, "seed": cfg.run.seed, "env_steps": int(last["env_steps"]),
            key: float(last[key]), f"best_{key}": float(best[key]), f"random_{key}": rnd.get(key), "wall_s": wall,
            "script_s": round(time.time() - t0, 1)}
+    if cmp:
+        out["final_comparison"] = cmp
     print(json.dumps(out))
     return 0
 

@@ -142,3 +142,31 @@ def test_presets_bootstrap_and_update_schedule():
     assert not fast.ppo.bootstrap and fast.run.train_every == 4
     # a user override still wins over the preset
     assert make_config("fast", "smax:3m", {"ppo": {"bootstrap": True}, "run": {"train_every": 1}}).ppo.bootstrap
+
+
+def test_imagination_never_starts_from_a_terminal_state():
+    from mabl.learner import MABLLearner
+
+    cfg = make_config("tiny", "smax:3m")
+    learner = MABLLearner(SPEC, cfg)
+    T, B, n = 5, 2, SPEC.n_agents
+    g = torch.Generator().manual_seed(0)
+    cont = torch.ones(T, B)
+    cont[2, 0] = 0.0  # sequence 0 ends (terminal) at step 2, the next episode starts at step 3
+    is_first = torch.zeros(T, B, dtype=torch.bool)
+    is_first[0] = True
+    is_first[3, 0] = True
+    batch = {"obs": torch.randn(T, B, n, SPEC.obs_dim, generator=g), "state": torch.randn(T, B, SPEC.state_dim, generator=g),
+             "prev_action": torch.zeros(T, B, n, SPEC.action_dim), "cont": cont, "is_first": is_first}
+    torch.manual_seed(1)  # posterior samples: the same draws for both passes
+    starts = learner.starts(batch)
+    assert starts.h_a.shape[:2] == (T * B - 1, n)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        post, _, _ = learner.model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
+    flat = post.h_a.flatten(0, 1)
+    terminal = 2 * B + 0  # row of (t=2, b=0) in the time-major flattening
+    kept = torch.cat([flat[:terminal], flat[terminal + 1:]])
+    assert torch.allclose(starts.h_a.float(), kept.float(), atol=1e-5)
+    batch["cont"] = torch.ones(T, B)
+    assert learner.starts(batch).h_a.shape[:2] == (T * B, n)

@@ -109,10 +109,15 @@ class MABLLearner:
 
     @torch.no_grad()
     def starts(self, batch: dict[str, torch.Tensor]):
-        """Posterior states of every step of the sampled sequences: imagination starts ``[T*B, N, ...]``."""
+        """Imagination starts ``[M, N, ...]``: the posterior states of every non-terminal step of the
+        sampled sequences. A terminal step (``cont == 0``) has no future: the model never saw a
+        transition out of one, so a rollout from it would be invented (DreamerV3 zero-weights them)."""
         with self.autocast():
             post, _, _ = self.model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
-        return post.map(lambda x: x.flatten(0, 1))
+        keep = batch["cont"].flatten(0, 1) > 0
+        if bool(keep.all()):
+            return post.map(lambda x: x.flatten(0, 1))
+        return post.map(lambda x: x.flatten(0, 1)[keep])
 
     def update(self, buffer: ReplayBuffer, rng: np.random.Generator) -> dict[str, float]:
         """All post-episode learning (Algorithm 1, lines 5-14).
