@@ -94,8 +94,9 @@ def comparison_lines(cmp: dict) -> str:
         if "win_rate" in row:
             wl, wh = row["win_rate_ci95"]
             text += f", win rate {row['win_rate']:.3f} [{wl:.2f}, {wh:.2f}]"
-        if "arrived_fraction" in row:
-            text += f", arrived {row['arrived_fraction']:.3f}"
+        for key in ("arrived_fraction", "deadlocked_fraction"):
+            if key in row:
+                text += f", {key.split('_')[0]} {row[key]:.3f}"
         if "diff_vs_random" in row:
             dl, dh = row["diff_vs_random_ci95"]
             text += f"; paired return difference vs random {row['diff_vs_random']:+.2f} [{dl:+.2f}, {dh:+.2f}]"
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
 - budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={cfg.run.bf16}, {every}: {cfg.model.train_steps} model updates and {cfg.ppo.updates} imagination round(s), bootstrap={cfg.ppo.bootstrap}, entropy={cfg.ppo.entropy:g})
 - final eval {key.replace('_', ' ')} ({'greedy' if cfg.run.eval_greedy else 'sampled actions'}, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
 - random policy, same script and evaluation seeds ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}
-{comparison_lines(cmp) + chr(10) if cmp else ""}- curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`
+{comparison_lines(cmp) + chr(10) if cmp else ""}- curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`{f", final comparison `benchmarks/results/{slug}_final.json`" if cmp else ""}
 
 {chr(10).join(table)}
 """
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
            "script_s": round(time.time() - t0, 1)}
     if cmp:
         out["final_comparison"] = cmp
+        (res_dir / f"{slug}_final.json").write_text(json.dumps(cmp, indent=1) + "\n")
     print(json.dumps(out))
     return 0
 
