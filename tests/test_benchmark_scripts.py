@@ -48,3 +48,5 @@ def test_learning_curve_report_with_paired_final_comparison(tmp_path, monkeypatc
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- t:x:start -->" in text and "paired return difference vs random" in text
     assert (tmp_path / "benchmarks" / "results" / "t_x.csv").exists()
+    saved = json.loads((tmp_path / "benchmarks" / "results" / "t_x_final.json").read_text())
+    assert saved["greedy"]["return"] == pytest.approx(cmp["greedy"]["return"])
