@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from mabl.config import config_from_dict, make_config, parse_set  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
-from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, mean_ci, run_episode, train, wilson_ci  # noqa: E402
+from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, mean_ci, run_episode, summarize, train  # noqa: E402
 
 # seeds of the final trained-vs-random comparison: fresh maps, shared by neither training nor periodic evaluation
 FINAL_SEED = 2_000_003
@@ -73,15 +73,9 @@ def final_comparison(run_dir: Path, episodes: int, seed: int, policy_seed: int) 
     out: dict = {"episodes": episodes, "seed": seed, "checkpoint_env_steps": int(state["counters"]["env_steps"])}
     rnd = np.array([s.ret for s in per["random"]])
     for name, stats in per.items():
-        rets = np.array([s.ret for s in stats])
-        row = {"return": float(rets.mean()), "return_ci95": list(mean_ci(rets))}
-        if env.spec.has_win:
-            wins = sum(bool(s.won) for s in stats)
-            row.update(win_rate=wins / episodes, win_rate_ci95=list(wilson_ci(wins, episodes)))
-        for key in stats[0].info:
-            row[key] = float(np.mean([s.info.get(key, 0.0) for s in stats]))
+        row = summarize(stats, env.spec.has_win, with_ci=True)
         if name != "random":
-            diff = rets - rnd
+            diff = np.array([s.ret for s in stats]) - rnd
             row.update(diff_vs_random=float(diff.mean()), diff_vs_random_ci95=list(mean_ci(diff)))
         out[name] = row
     return out

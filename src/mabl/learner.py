@@ -115,8 +115,6 @@ class MABLLearner:
         with self.autocast():
             post, _, _ = self.model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
         keep = batch["cont"].flatten(0, 1) > 0
-        if bool(keep.all()):
-            return post.map(lambda x: x.flatten(0, 1))
         return post.map(lambda x: x.flatten(0, 1)[keep])
 
     def update(self, buffer: ReplayBuffer, rng: np.random.Generator) -> dict[str, float]:

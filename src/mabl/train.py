@@ -126,16 +126,21 @@ def evaluate(env: MultiAgentEnv, policy: DecentralizedPolicy, episodes: int, see
     mean return (``win_rate_ci95``, ``return_ci95``, ``return_std``).
     """
     stats = [run_episode(env, policy, seed + k, deterministic, device, record=False)[1] for k in range(episodes)]
+    return summarize(stats, env.spec.has_win, with_ci)
+
+
+def summarize(stats: list[EpisodeStats], has_win: bool, with_ci: bool = False) -> dict[str, Any]:
+    """The figures :func:`evaluate` reports, from the episodes' statistics."""
     rets = [s.ret for s in stats]
     out: dict[str, Any] = {"return": float(np.mean(rets)), "length": float(np.mean([s.length for s in stats]))}
-    if env.spec.has_win:
+    if has_win:
         out["win_rate"] = float(np.mean([bool(s.won) for s in stats]))
     for key in stats[0].info if stats else []:
         out[key] = float(np.mean([s.info.get(key, 0.0) for s in stats]))
     if with_ci:
         out["return_std"] = float(np.std(rets, ddof=1)) if len(rets) > 1 else 0.0
         out["return_ci95"] = list(mean_ci(rets))
-        if env.spec.has_win:
+        if has_win:
             out["win_rate_ci95"] = list(wilson_ci(sum(bool(s.won) for s in stats), len(stats)))
     return out
 
