@@ -142,3 +142,40 @@ def test_periodic_eval_greedy_or_sampled(tmp_path, monkeypatch):
     assert seen and all(seen)
     with pytest.raises(ConfigError, match="eval_greedy"):
         make_config("tiny", "smax:3m", {"run": {"eval_greedy": "yes"}})
+
+
+def test_exploration_noise_only_takes_available_actions_and_is_recorded():
+    """run.explore: random actions come from the available ones, the buffer holds the action taken."""
+    import numpy as np
+    import torch
+
+    from mabl.envs import make_env
+    from mabl.envs.base import EnvSpec
+    from mabl.learner import MABLLearner
+    from mabl.train import explore_actions, run_episode
+
+    env = make_env("smax:3m", seed=0)
+    cfg = make_config("tiny", "smax:3m")
+    learner = MABLLearner(env.spec, cfg)
+    rng = np.random.default_rng(0)
+    avail = np.zeros((3, env.spec.action_dim), bool)
+    avail[:, [1, 4, 6]] = True
+    acts = np.array([[explore_actions(env.spec, np.array([4, 4, 4]), avail, 1.0, rng) for _ in range(200)]]).reshape(-1)
+    assert set(acts.tolist()) == {1, 4, 6}
+    assert (explore_actions(env.spec, np.array([4, 1, 6]), avail, 0.0, rng) == [4, 1, 6]).all()
+
+    # every recorded action is one-hot, available at the step it was taken, and eps=1 departs from the policy
+    ep, stats = run_episode(env, learner.policy, 3, True, torch.device("cpu"), explore=1.0)
+    taken = ep["prev_action"][1:].argmax(-1)
+    assert np.allclose(ep["prev_action"][1:].sum(-1), 1.0)
+    assert ep["avail"][:-1][np.arange(stats.length)[:, None], np.arange(3)[None], taken].all()
+    greedy, _ = run_episode(env, learner.policy, 3, True, torch.device("cpu"))
+    assert len(greedy["obs"]) != len(ep["obs"]) or not np.array_equal(greedy["prev_action"], ep["prev_action"])
+
+    # continuous: clipped to [-1, 1], padding dimensions of unequal agents untouched
+    spec = EnvSpec(name="x", n_agents=2, obs_dim=3, state_dim=3, action_dim=3, discrete=False, action_dims=(3, 2))
+    out = explore_actions(spec, np.zeros((2, 3), np.float32) + 0.9, None, 5.0, rng)
+    assert out.dtype == np.float32 and np.abs(out).max() <= 1.0 and out[1, 2] == np.float32(0.9)
+
+    with pytest.raises(ConfigError, match="run.explore"):
+        make_config("tiny", "smax:3m", {"run": {"explore": 1.5}})

@@ -86,6 +86,11 @@ class RunConfig:
     eval_every: int = 5_000  # env steps between evaluations
     eval_episodes: int = 10
     eval_greedy: bool = True  # periodic evaluation with the policy's mode; false: sampled actions
+    # Exploration noise of the training episodes only (evaluation never has it), 0 = the paper:
+    # discrete actions: per agent and step, the probability of replacing the policy's action by a
+    # uniform draw from the available actions; continuous: std of Gaussian noise added to the action
+    # (clipped to [-1, 1]). The agent's recurrent state sees the action actually taken.
+    explore: float = 0.0
     checkpoint_every: int = 10_000
     keep_checkpoints: int = 3
     log_every: int = 1  # episodes between metric rows
@@ -303,7 +308,7 @@ def validate(cfg: Config) -> Config:
         json.dumps(cfg.run.env_options)
     except (TypeError, ValueError):
         raise ConfigError(f"config key run.env_options must be a JSON object, got {cfg.run.env_options!r}") from None
-    for sec, key in (("model", "kl_balance"), ("ppo", "gamma"), ("ppo", "gae_lambda")):
+    for sec, key in (("model", "kl_balance"), ("ppo", "gamma"), ("ppo", "gae_lambda"), ("run", "explore")):
         val = getattr(getattr(cfg, sec), key)
         if not 0.0 <= val <= 1.0:
             raise ConfigError(f"config key {sec}.{key} must be in [0, 1], got {val!r}")

@@ -32,7 +32,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,14 +78,37 @@ class EpisodeStats:
 
 
 @torch.no_grad()
+def explore_actions(spec, env_action: np.ndarray, avail: np.ndarray | None, eps: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Exploration noise on one step's actions (``run.explore``).
+
+    Discrete: each agent's action is replaced, with probability ``eps``, by a uniform draw from
+    its available actions. Continuous: Gaussian noise of std ``eps`` is added and the result
+    clipped to [-1, 1] (padding dimensions of unequal agents stay 0).
+    """
+    if spec.discrete:
+        out = env_action.copy()
+        for i in np.flatnonzero(rng.random(spec.n_agents) < eps):
+            choices = np.flatnonzero(avail[i]) if avail is not None else np.arange(spec.action_dim)
+            out[i] = rng.choice(choices)
+        return out
+    noisy = np.clip(env_action + eps * rng.standard_normal(env_action.shape), -1.0, 1.0).astype(env_action.dtype)
+    mask = spec.action_dim_mask()
+    return noisy if mask is None else np.where(mask, noisy, env_action)
+
+
 def run_episode(env: MultiAgentEnv, policy: DecentralizedPolicy, seed: int, deterministic: bool,
-                device: torch.device, record: bool = True) -> tuple[dict[str, np.ndarray] | None, EpisodeStats]:
+                device: torch.device, record: bool = True,
+                explore: float = 0.0) -> tuple[dict[str, np.ndarray] | None, EpisodeStats]:
     """One episode with the decentralized policy, all agents in one batched forward.
 
+    ``explore > 0`` adds :func:`explore_actions` noise (drawn from a generator seeded by ``seed``);
+    the buffer and the agents' carries record the action actually taken.
     Returns the buffer episode (``T+1`` steps: the reset step and every step after an action;
     see :mod:`mabl.buffer` for the fields) and the episode statistics.
     """
     spec = env.spec
+    rng = np.random.default_rng([seed, 0x5EED]) if explore > 0 else None
     ts = env.reset(seed=seed)
     carry = policy.initial(spec.n_agents, device)
     rows: dict[str, list] = {k: [] for k in ("obs", "state", "prev_action", "reward", "cont", "avail", "is_first")}
@@ -104,8 +127,14 @@ def run_episode(env: MultiAgentEnv, policy: DecentralizedPolicy, seed: int, dete
         obs = torch.as_tensor(ts.obs, device=device)
         avail = torch.as_tensor(ts.avail, device=device) if spec.has_action_mask else None
         _, env_action, carry, _ = policy.step(obs, avail, carry, deterministic=deterministic)
+        act = env_action.cpu().numpy()
+        if rng is not None:
+            act = explore_actions(spec, act, ts.avail if spec.has_action_mask else None, explore, rng)
+            model_act = torch.as_tensor(act, device=device)
+            carry = replace(carry, prev_action=policy.actor.env_to_model_action(
+                model_act if spec.discrete else torch.atanh(model_act.float().clamp(-1 + 1e-6, 1 - 1e-6))))
         prev_action = carry.prev_action.cpu().numpy()
-        ts = env.step(env_action.cpu().numpy())
+        ts = env.step(act)
         total += float(np.mean(ts.reward))
         length += 1
         push(ts, False)
@@ -495,7 +524,8 @@ class Trainer:
             while self.env_steps < rc.steps:
                 t0 = time.perf_counter()
                 self.learner.policy.eval()
-                ep, stats = run_episode(self.env, self.learner.policy, self.episode_seed(self.episodes), False, self.device)
+                ep, stats = run_episode(self.env, self.learner.policy, self.episode_seed(self.episodes), False, self.device,
+                                        explore=rc.explore)
                 self.buffer.add_episode(ep)
                 self.stream_total += len(ep["obs"])
                 self.env_steps += stats.length
