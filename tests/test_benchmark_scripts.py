@@ -50,3 +50,56 @@ def test_learning_curve_report_with_paired_final_comparison(tmp_path, monkeypatc
     assert (tmp_path / "benchmarks" / "results" / "t_x.csv").exists()
     saved = json.loads((tmp_path / "benchmarks" / "results" / "t_x_final.json").read_text())
     assert saved["greedy"]["return"] == pytest.approx(cmp["greedy"]["return"])
+
+
+def _obs(layout, own_health=1.0, allies=(), enemies=()):
+    """A SMAX unit_list observation: allies/enemies as (index, health, dx, dy) in map units."""
+    o = np.zeros(layout.own_at + 4 + layout.type_bits, np.float32)
+    sight = layout.sight[0]  # marines
+    for base, units in ((0, allies), (layout.unit_feats * (layout.n_allies - 1), enemies)):
+        for j, h, dx, dy in units:
+            at = base + j * layout.unit_feats
+            o[at:at + 3] = h, dx / sight, dy / sight
+    o[layout.own_at] = own_health
+    o[layout.own_at + 4] = 1.0  # unit type 0: marine
+    return o
+
+
+def test_scripted_rules_focus_and_wait():
+    sc = load_script("smax_scripted")
+    layout = sc.ObsLayout("3m")
+    avail = np.zeros(5 + layout.n_enemies, bool)
+    avail[:5] = True
+    avail[[5, 6]] = True  # enemies 0 and 1 in range
+    o = _obs(layout, enemies=[(0, 0.9, 4, 0), (1, 0.3, 4, 1)])
+    assert sc.ScriptedPolicy("first", layout).agent(o, avail) == 5
+    assert sc.ScriptedPolicy("weakest", layout).agent(o, avail) == 6
+    avail[5:] = False
+    # enemy 8 units east; the only visible ally is 3 units behind (11 from it): weakest_sync waits
+    o = _obs(layout, allies=[(0, 1.0, -3, 0)], enemies=[(0, 1.0, 8, 0)])
+    assert sc.ScriptedPolicy("weakest", layout).agent(o, avail) == 1  # moves +x
+    assert sc.ScriptedPolicy("weakest_sync", layout).agent(o, avail) == sc.STOP
+    # level with the ally: moves in
+    o = _obs(layout, allies=[(0, 1.0, 0, 1)], enemies=[(0, 1.0, 8, 0)])
+    assert sc.ScriptedPolicy("weakest_sync", layout).agent(o, avail) == 1
+    with pytest.raises(Exception, match="accepted: random, first, weakest, weakest_sync"):
+        sc.ScriptedPolicy("kite", layout)
+
+
+def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys):
+    sc = load_script("smax_scripted")
+    assert sc.main(["--env", "smax:3m", "--episodes", "4", "--output", str(tmp_path / "s.md")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {r["policy"]: r for r in out["results"]}
+    assert rows["random"]["win_rate"] == 0.0 and rows["weakest_sync"]["return_mean"] > rows["random"]["return_mean"]
+    assert "weakest_sync" in (tmp_path / "s.md").read_text()
+
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "run_dir": str(run)}}))
+    ivr = load_script("imagined_vs_real")
+    assert ivr.main([str(run), "--episodes", "3", "--horizon", "4", "--repeats", "2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["policies"]
+    assert set(res) == {"actor (greedy)", "actor (sampled)", "scripted weakest", "scripted weakest_sync"}
+    assert res["actor (greedy)"]["imagined_minus_actor"] == 0.0
+    for row in res.values():
+        assert np.isfinite([row["real"], row["imagined"]]).all()

@@ -1,0 +1,149 @@
+"""Does the world model rank policies as the environment does? Imagined against real returns.
+
+    python benchmarks/imagined_vs_real.py runs/smax:3m/fast/seed0 --episodes 64
+
+MABL's actor only ever sees imagined returns (§3.3), so it can only become as good as the world
+model's *ranking* of behaviours. This script takes a checkpoint (a file or a run directory) and,
+for every policy, measures on the same fresh episode seeds
+
+* the **real** return: episodes in the environment;
+* the **imagined** return: from the posterior state of each episode's first real observation, the
+  priors are rolled ``--horizon`` steps with the policy acting, the return being the predicted team
+  rewards weighted by the predicted probability that the episode is still running
+  (``sum_t r_t * prod_{k<t} cont_{k+1}``: r_t is the reward of the transition into s_{t+1},
+  cont_{k+1} the predicted probability that s_{k+1} is not terminal), averaged over ``--repeats`` latent samples.
+
+Policies: the checkpoint's actor (greedy and sampled) and, on SMAX, the scripted decentralized rules
+of ``benchmarks/smax_scripted.py`` acting on the observations the model decodes from its imagined
+agent states (``obs_decoder(z^a, h^a)``) and on its predicted action availability. A model that
+ranks the scripted ``weakest_sync`` rule below the actor while the environment ranks it above
+shows where the learner's ceiling comes from: behaviour the data never contains is predicted poorly.
+Prints a table and, last, one JSON line; writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from learning_curve import FINAL_SEED  # noqa: E402
+from mabl.envs import make_env  # noqa: E402
+from mabl.train import load_for_eval, run_episode  # noqa: E402
+
+
+def real_returns(env, act, seeds) -> np.ndarray:
+    out = []
+    for s in seeds:
+        ts = env.reset(seed=s)
+        ret = 0.0
+        while not ts.done:
+            ts = env.step(act(ts.obs, ts.avail))
+            ret += float(np.mean(ts.reward))
+        out.append(ret)
+    return np.asarray(out)
+
+
+@torch.no_grad()
+def imagined_returns(learner, first_obs, first_state, first_avail, policy, horizon: int, repeats: int) -> np.ndarray:
+    """``policy(fa, avail_pred, decoded_obs) -> action indices [M, N]`` acting in the model's imagination."""
+    model = learner.model
+    M, N, A = first_avail.shape
+    obs = torch.as_tensor(first_obs)[None]
+    state = torch.as_tensor(first_state)[None]
+    prev = torch.zeros(1, M, N, A)
+    first = torch.ones(1, M, dtype=torch.bool)
+    out = []
+    for _ in range(repeats):
+        with learner.autocast():
+            post, _, _ = model.observe(obs, state, prev, first)
+            st = post.map(lambda x: x[0])
+            alive, ret = torch.ones(M), torch.zeros(M)
+            for t in range(horizon):
+                fa, fg = model.features(st)
+                if t == 0:
+                    avail = torch.as_tensor(first_avail)
+                else:
+                    both = fa if fg is None else torch.cat([fa, fg], -1)
+                    avail = torch.sigmoid(model.avail_head(both).float()) > 0.5
+                    avail[..., 4] = True  # stop is always available (SMAX)
+                act = policy(fa, avail, model.obs_decoder(fa).float())
+                st = model.imagine_step(st, torch.nn.functional.one_hot(act.long(), A).to(fa.dtype))
+                heads = model.heads(st)
+                ret += alive * heads["reward"].float().mean(-1)  # r_t counts if s_t was not terminal
+                alive = alive * torch.sigmoid(heads["cont"].float()).mean(-1)
+        out.append(ret.numpy())
+    return np.mean(out, 0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="checkpoint file or run directory (newest checkpoint)")
+    p.add_argument("--episodes", type=int, default=64)
+    p.add_argument("--seed", type=int, default=FINAL_SEED)
+    p.add_argument("--horizon", type=int, default=25, help="imagined steps (cover the whole episode)")
+    p.add_argument("--repeats", type=int, default=4)
+    args = p.parse_args(argv)
+    cfg, learner, _ = load_for_eval(args.checkpoint)
+    learner.model.eval()
+    torch.manual_seed(args.seed)
+    env = make_env(cfg.run.env, seed=0, **cfg.run.env_options)
+    if not env.spec.discrete:
+        raise SystemExit("error: imagined_vs_real.py supports discrete-action tasks")
+    seeds = [args.seed + k for k in range(args.episodes)]
+    firsts = [env.reset(seed=s) for s in seeds]
+    f_obs = np.stack([t.obs for t in firsts])
+    f_state = np.stack([t.state for t in firsts])
+    f_avail = np.stack([t.avail for t in firsts])
+    actor = learner.algo.actor
+    device = torch.device("cpu")
+
+    def learned(det):
+        def imag(fa, avail, _dec):
+            return actor.sample(fa, avail, deterministic=det)[0]
+
+        stats = [run_episode(env, learner.policy, s, det, device, record=False)[1] for s in seeds]
+        return imag, np.array([x.ret for x in stats])
+
+    policies = {"actor (greedy)": learned(True), "actor (sampled)": learned(False)}
+    suite, _, task = cfg.run.env.partition(":")
+    if suite == "smax":
+        from smax_scripted import ObsLayout, ScriptedPolicy
+
+        layout = ObsLayout(task)
+        for name in ("weakest", "weakest_sync"):
+            pol = ScriptedPolicy(name, layout)
+
+            def imag(_fa, avail, dec, pol=pol):
+                d, a = dec.numpy(), avail.numpy()
+                return torch.as_tensor(np.stack([pol.act(d[m], a[m]) for m in range(d.shape[0])]))
+
+            policies[f"scripted {name}"] = (imag, real_returns(env, pol.act, seeds))
+    rows = {}
+    for name, (imag, real) in policies.items():
+        im = imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon, args.repeats)
+        rows[name] = dict(real=real, imagined=im)
+    ref = rows["actor (greedy)"]
+    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))  # noqa: E731
+    print(f"{'policy':26s} {'real return':>14s} {'imagined':>14s} {'real - actor':>14s} {'imag - actor':>14s}")
+    result = {}
+    for name, r in rows.items():
+        dr, di = r["real"] - ref["real"], r["imagined"] - ref["imagined"]
+        result[name] = dict(real=float(r["real"].mean()), real_se=se(r["real"]), imagined=float(r["imagined"].mean()),
+                            imagined_se=se(r["imagined"]), real_minus_actor=float(dr.mean()), imagined_minus_actor=float(di.mean()),
+                            real_minus_actor_se=se(dr), imagined_minus_actor_se=se(di))
+        print(f"{name:26s} {r['real'].mean():8.2f}±{se(r['real']):4.2f} {r['imagined'].mean():8.2f}±{se(r['imagined']):4.2f} "
+              f"{dr.mean():+8.2f}±{se(dr):4.2f} {di.mean():+8.2f}±{se(di):4.2f}")
+    print(json.dumps({"checkpoint": str(args.checkpoint), "episodes": args.episodes, "horizon": args.horizon, "policies": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
