@@ -13,6 +13,10 @@ for every policy, measures on the same fresh episode seeds
   (``sum_t r_t * prod_{k<t} cont_{k+1}``: r_t is the reward of the transition into s_{t+1},
   cont_{k+1} the predicted probability that s_{k+1} is not terminal), averaged over ``--repeats`` latent samples.
 
+* the **replayed** return: the same, but the imagined agents replay, open loop, the actions the
+  policy took in the real episode (no decoding, no predicted masks: what the model predicts for
+  exactly that behaviour).
+
 Policies: the checkpoint's actor (greedy and sampled) and, on SMAX, the scripted decentralized rules
 of ``benchmarks/smax_scripted.py`` acting on the observations the model decodes from its imagined
 agent states (``obs_decoder(z^a, h^a)``) and on its predicted action availability. A model that
@@ -39,21 +43,37 @@ from mabl.envs import make_env  # noqa: E402
 from mabl.train import load_for_eval, run_episode  # noqa: E402
 
 
-def real_returns(env, act, seeds) -> np.ndarray:
-    out = []
+def real_returns(env, act, seeds) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Real returns of ``act(obs, avail) -> actions`` and the action sequences ``[T, N]`` it took."""
+    out, taken = [], []
     for s in seeds:
         ts = env.reset(seed=s)
-        ret = 0.0
+        ret, acts = 0.0, []
         while not ts.done:
-            ts = env.step(act(ts.obs, ts.avail))
+            acts.append(act(ts.obs, ts.avail))
+            ts = env.step(acts[-1])
             ret += float(np.mean(ts.reward))
         out.append(ret)
-    return np.asarray(out)
+        taken.append(np.asarray(acts))
+    return np.asarray(out), taken
+
+
+def open_loop(taken: list[np.ndarray], stop: int = 4):
+    """An imagination policy replaying recorded action sequences (``stop`` after an episode's end)."""
+    T = max(len(a) for a in taken)
+    table = np.full((len(taken), T, taken[0].shape[1]), stop)
+    for m, a in enumerate(taken):
+        table[m, : len(a)] = a
+
+    def imag(t, _fa, _avail, _dec):
+        return torch.as_tensor(table[:, t] if t < T else np.full(table[:, 0].shape, stop))
+
+    return imag
 
 
 @torch.no_grad()
 def imagined_returns(learner, first_obs, first_state, first_avail, policy, horizon: int, repeats: int) -> np.ndarray:
-    """``policy(fa, avail_pred, decoded_obs) -> action indices [M, N]`` acting in the model's imagination."""
+    """``policy(t, fa, avail_pred, decoded_obs) -> action indices [M, N]`` acting in the model's imagination."""
     model = learner.model
     M, N, A = first_avail.shape
     obs = torch.as_tensor(first_obs)[None]
@@ -74,7 +94,7 @@ def imagined_returns(learner, first_obs, first_state, first_avail, policy, horiz
                     both = fa if fg is None else torch.cat([fa, fg], -1)
                     avail = torch.sigmoid(model.avail_head(both).float()) > 0.5
                     avail[..., 4] = True  # stop is always available (SMAX)
-                act = policy(fa, avail, model.obs_decoder(fa).float())
+                act = policy(t, fa, avail, model.obs_decoder(fa).float())
                 st = model.imagine_step(st, torch.nn.functional.one_hot(act.long(), A).to(fa.dtype))
                 heads = model.heads(st)
                 ret += alive * heads["reward"].float().mean(-1)  # r_t counts if s_t was not terminal
@@ -106,11 +126,12 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
 
     def learned(det):
-        def imag(fa, avail, _dec):
+        def imag(_t, fa, avail, _dec):
             return actor.sample(fa, avail, deterministic=det)[0]
 
-        stats = [run_episode(env, learner.policy, s, det, device, record=False)[1] for s in seeds]
-        return imag, np.array([x.ret for x in stats])
+        eps = [run_episode(env, learner.policy, s, det, device) for s in seeds]
+        taken = [ep["prev_action"][1:].argmax(-1) for ep, _ in eps]
+        return imag, np.array([st.ret for _, st in eps]), taken
 
     policies = {"actor (greedy)": learned(True), "actor (sampled)": learned(False)}
     suite, _, task = cfg.run.env.partition(":")
@@ -121,26 +142,32 @@ def main(argv=None) -> int:
         for name in ("weakest", "weakest_sync"):
             pol = ScriptedPolicy(name, layout)
 
-            def imag(_fa, avail, dec, pol=pol):
+            def imag(_t, _fa, avail, dec, pol=pol):
                 d, a = dec.numpy(), avail.numpy()
                 return torch.as_tensor(np.stack([pol.act(d[m], a[m]) for m in range(d.shape[0])]))
 
-            policies[f"scripted {name}"] = (imag, real_returns(env, pol.act, seeds))
+            policies[f"scripted {name}"] = (imag, *real_returns(env, pol.act, seeds))
     rows = {}
-    for name, (imag, real) in policies.items():
-        im = imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon, args.repeats)
-        rows[name] = dict(real=real, imagined=im)
+    for name, (imag, real, taken) in policies.items():
+        rows[name] = dict(real=real,
+                          imagined=imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon, args.repeats),
+                          replayed=imagined_returns(learner, f_obs, f_state, f_avail, open_loop(taken), args.horizon, args.repeats))
     ref = rows["actor (greedy)"]
     se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))  # noqa: E731
-    print(f"{'policy':26s} {'real return':>14s} {'imagined':>14s} {'real - actor':>14s} {'imag - actor':>14s}")
+    cols = ("real", "imagined", "replayed")
+    print(f"{'policy':22s}" + "".join(f"{c:>14s}" for c in cols) + "".join(f"{c + ' - actor':>17s}" for c in cols))
     result = {}
     for name, r in rows.items():
-        dr, di = r["real"] - ref["real"], r["imagined"] - ref["imagined"]
-        result[name] = dict(real=float(r["real"].mean()), real_se=se(r["real"]), imagined=float(r["imagined"].mean()),
-                            imagined_se=se(r["imagined"]), real_minus_actor=float(dr.mean()), imagined_minus_actor=float(di.mean()),
-                            real_minus_actor_se=se(dr), imagined_minus_actor_se=se(di))
-        print(f"{name:26s} {r['real'].mean():8.2f}±{se(r['real']):4.2f} {r['imagined'].mean():8.2f}±{se(r['imagined']):4.2f} "
-              f"{dr.mean():+8.2f}±{se(dr):4.2f} {di.mean():+8.2f}±{se(di):4.2f}")
+        row, line = {}, f"{name:22s}"
+        for c in cols:
+            row[c], row[c + "_se"] = float(r[c].mean()), se(r[c])
+            line += f"{r[c].mean():9.2f}±{se(r[c]):4.2f}"
+        for c in cols:
+            d = r[c] - ref[c]
+            row[c + "_minus_actor"], row[c + "_minus_actor_se"] = float(d.mean()), se(d)
+            line += f"{d.mean():+12.2f}±{se(d):4.2f}"
+        result[name] = row
+        print(line)
     print(json.dumps({"checkpoint": str(args.checkpoint), "episodes": args.episodes, "horizon": args.horizon, "policies": result}))
     return 0
 

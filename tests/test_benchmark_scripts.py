@@ -100,6 +100,6 @@ def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys):
     assert ivr.main([str(run), "--episodes", "3", "--horizon", "4", "--repeats", "2"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["policies"]
     assert set(res) == {"actor (greedy)", "actor (sampled)", "scripted weakest", "scripted weakest_sync"}
-    assert res["actor (greedy)"]["imagined_minus_actor"] == 0.0
+    assert res["actor (greedy)"]["imagined_minus_actor"] == 0.0 == res["actor (greedy)"]["replayed_minus_actor"]
     for row in res.values():
-        assert np.isfinite([row["real"], row["imagined"]]).all()
+        assert np.isfinite([row["real"], row["imagined"], row["replayed"]]).all()
