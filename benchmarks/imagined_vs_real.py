@@ -13,6 +13,8 @@ for every policy, measures on the same fresh episode seeds
   (``sum_t r_t * prod_{k<t} cont_{k+1}``: r_t is the reward of the transition into s_{t+1},
   cont_{k+1} the predicted probability that s_{k+1} is not terminal), averaged over ``--repeats`` latent samples.
 
+* the **posterior** return: the reward head summed along the posterior states of the real episode
+  (the model sees every real observation): how well the reward head knows that behaviour's outcome;
 * the **replayed** return: the same, but the imagined agents replay, open loop, the actions the
   policy took in the real episode (no decoding, no predicted masks: what the model predicts for
   exactly that behaviour).
@@ -43,23 +45,46 @@ from mabl.envs import make_env  # noqa: E402
 from mabl.train import load_for_eval, run_episode  # noqa: E402
 
 
-def real_returns(env, act, seeds) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Real returns of ``act(obs, avail) -> actions`` and the action sequences ``[T, N]`` it took."""
-    out, taken = [], []
+def real_returns(env, act, seeds) -> tuple[np.ndarray, list[dict]]:
+    """Real returns of ``act(obs, avail) -> actions`` and its episodes (``obs``, ``state``,
+    ``prev_action`` one-hot as the buffer stores them, ``taken`` action indices ``[T, N]``)."""
+    out, episodes = [], []
+    A = env.spec.action_dim
     for s in seeds:
         ts = env.reset(seed=s)
-        ret, acts = 0.0, []
+        ret, acts, obs, state = 0.0, [], [ts.obs], [ts.state]
         while not ts.done:
             acts.append(act(ts.obs, ts.avail))
             ts = env.step(acts[-1])
             ret += float(np.mean(ts.reward))
+            obs.append(ts.obs), state.append(ts.state)
+        taken = np.asarray(acts)
+        prev = np.concatenate([np.zeros((1, taken.shape[1], A), np.float32), np.eye(A, dtype=np.float32)[taken]])
         out.append(ret)
-        taken.append(np.asarray(acts))
-    return np.asarray(out), taken
+        episodes.append(dict(obs=np.stack(obs), state=np.stack(state), prev_action=prev, taken=taken))
+    return np.asarray(out), episodes
 
 
-def open_loop(taken: list[np.ndarray], stop: int = 4):
+@torch.no_grad()
+def posterior_returns(learner, episodes: list[dict]) -> np.ndarray:
+    """Predicted team return along the *posterior* of each real episode (the model sees every real
+    observation): the reward head's accuracy on that behaviour, without the learned dynamics."""
+    out = []
+    for ep in episodes:
+        T = len(ep["obs"])
+        first = torch.zeros(T, 1, dtype=torch.bool)
+        first[0] = True
+        with learner.autocast():
+            post, _, _ = learner.model.observe(torch.as_tensor(ep["obs"])[:, None], torch.as_tensor(ep["state"])[:, None],
+                                               torch.as_tensor(ep["prev_action"])[:, None], first)
+            reward = learner.model.heads(post)["reward"].float().mean(-1)[:, 0]
+        out.append(float(reward[1:].sum()))
+    return np.asarray(out)
+
+
+def open_loop(episodes: list[dict], stop: int = 4):
     """An imagination policy replaying recorded action sequences (``stop`` after an episode's end)."""
+    taken = [ep["taken"] for ep in episodes]
     T = max(len(a) for a in taken)
     table = np.full((len(taken), T, taken[0].shape[1]), stop)
     for m, a in enumerate(taken):
@@ -130,8 +155,9 @@ def main(argv=None) -> int:
             return actor.sample(fa, avail, deterministic=det)[0]
 
         eps = [run_episode(env, learner.policy, s, det, device) for s in seeds]
-        taken = [ep["prev_action"][1:].argmax(-1) for ep, _ in eps]
-        return imag, np.array([st.ret for _, st in eps]), taken
+        for ep, _ in eps:
+            ep["taken"] = ep["prev_action"][1:].argmax(-1)
+        return imag, np.array([st.ret for _, st in eps]), [ep for ep, _ in eps]
 
     policies = {"actor (greedy)": learned(True), "actor (sampled)": learned(False)}
     suite, _, task = cfg.run.env.partition(":")
@@ -148,14 +174,14 @@ def main(argv=None) -> int:
 
             policies[f"scripted {name}"] = (imag, *real_returns(env, pol.act, seeds))
     rows = {}
-    for name, (imag, real, taken) in policies.items():
-        rows[name] = dict(real=real,
+    for name, (imag, real, episodes) in policies.items():
+        rows[name] = dict(real=real, posterior=posterior_returns(learner, episodes),
                           imagined=imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon, args.repeats),
-                          replayed=imagined_returns(learner, f_obs, f_state, f_avail, open_loop(taken), args.horizon, args.repeats))
+                          replayed=imagined_returns(learner, f_obs, f_state, f_avail, open_loop(episodes), args.horizon, args.repeats))
     ref = rows["actor (greedy)"]
     se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))  # noqa: E731
-    cols = ("real", "imagined", "replayed")
-    print(f"{'policy':22s}" + "".join(f"{c:>14s}" for c in cols) + "".join(f"{c + ' - actor':>17s}" for c in cols))
+    cols = ("real", "posterior", "imagined", "replayed")
+    print(f"{'policy':22s}" + "".join(f"{c:>14s}" for c in cols) + "".join(f"{c[:4] + ' - actor':>17s}" for c in cols))
     result = {}
     for name, r in rows.items():
         row, line = {}, f"{name:22s}"

@@ -102,4 +102,4 @@ def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys):
     assert set(res) == {"actor (greedy)", "actor (sampled)", "scripted weakest", "scripted weakest_sync"}
     assert res["actor (greedy)"]["imagined_minus_actor"] == 0.0 == res["actor (greedy)"]["replayed_minus_actor"]
     for row in res.values():
-        assert np.isfinite([row["real"], row["imagined"], row["replayed"]]).all()
+        assert np.isfinite([row["real"], row["posterior"], row["imagined"], row["replayed"]]).all()
