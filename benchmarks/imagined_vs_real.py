@@ -45,26 +45,6 @@ from mabl.envs import make_env  # noqa: E402
 from mabl.train import load_for_eval, run_episode  # noqa: E402
 
 
-def real_returns(env, act, seeds) -> tuple[np.ndarray, list[dict]]:
-    """Real returns of ``act(obs, avail) -> actions`` and its episodes (``obs``, ``state``,
-    ``prev_action`` one-hot as the buffer stores them, ``taken`` action indices ``[T, N]``)."""
-    out, episodes = [], []
-    A = env.spec.action_dim
-    for s in seeds:
-        ts = env.reset(seed=s)
-        ret, acts, obs, state = 0.0, [], [ts.obs], [ts.state]
-        while not ts.done:
-            acts.append(act(ts.obs, ts.avail))
-            ts = env.step(acts[-1])
-            ret += float(np.mean(ts.reward))
-            obs.append(ts.obs), state.append(ts.state)
-        taken = np.asarray(acts)
-        prev = np.concatenate([np.zeros((1, taken.shape[1], A), np.float32), np.eye(A, dtype=np.float32)[taken]])
-        out.append(ret)
-        episodes.append(dict(obs=np.stack(obs), state=np.stack(state), prev_action=prev, taken=taken))
-    return np.asarray(out), episodes
-
-
 @torch.no_grad()
 def posterior_returns(learner, episodes: list[dict]) -> np.ndarray:
     """Predicted team return along the *posterior* of each real episode (the model sees every real
@@ -82,9 +62,9 @@ def posterior_returns(learner, episodes: list[dict]) -> np.ndarray:
     return np.asarray(out)
 
 
-def open_loop(episodes: list[dict], stop: int = 4):
-    """An imagination policy replaying recorded action sequences (``stop`` after an episode's end)."""
-    taken = [ep["taken"] for ep in episodes]
+def open_loop(episodes: list[dict], stop: int):
+    """An imagination policy replaying the actions of recorded episodes (``stop`` after an episode's end)."""
+    taken = [ep["prev_action"][1:].argmax(-1) for ep in episodes]
     T = max(len(a) for a in taken)
     table = np.full((len(taken), T, taken[0].shape[1]), stop)
     for m, a in enumerate(taken):
@@ -97,8 +77,10 @@ def open_loop(episodes: list[dict], stop: int = 4):
 
 
 @torch.no_grad()
-def imagined_returns(learner, first_obs, first_state, first_avail, policy, horizon: int, repeats: int) -> np.ndarray:
-    """``policy(t, fa, avail_pred, decoded_obs) -> action indices [M, N]`` acting in the model's imagination."""
+def imagined_returns(learner, first_obs, first_state, first_avail, policy, horizon: int, repeats: int,
+                     always_available: int | None = None) -> np.ndarray:
+    """``policy(t, fa, avail_pred, decoded_obs) -> action indices [M, N]`` acting in the model's imagination
+    (``always_available``: an action the predicted mask never removes, e.g. SMAX's stop)."""
     model = learner.model
     M, N, A = first_avail.shape
     obs = torch.as_tensor(first_obs)[None]
@@ -118,7 +100,8 @@ def imagined_returns(learner, first_obs, first_state, first_avail, policy, horiz
                 else:
                     both = fa if fg is None else torch.cat([fa, fg], -1)
                     avail = torch.sigmoid(model.avail_head(both).float()) > 0.5
-                    avail[..., 4] = True  # stop is always available (SMAX)
+                    if always_available is not None:
+                        avail[..., always_available] = True
                 act = policy(t, fa, avail, model.obs_decoder(fa).float())
                 st = model.imagine_step(st, torch.nn.functional.one_hot(act.long(), A).to(fa.dtype))
                 heads = model.heads(st)
@@ -150,20 +133,24 @@ def main(argv=None) -> int:
     actor = learner.algo.actor
     device = torch.device("cpu")
 
+    def real(policy, det):
+        """Real returns and the recorded (buffer-format) episodes of ``policy`` on ``seeds``."""
+        eps = [run_episode(env, policy, s, det, device) for s in seeds]
+        return np.array([st.ret for _, st in eps]), [ep for ep, _ in eps]
+
     def learned(det):
         def imag(_t, fa, avail, _dec):
             return actor.sample(fa, avail, deterministic=det)[0]
 
-        eps = [run_episode(env, learner.policy, s, det, device) for s in seeds]
-        for ep, _ in eps:
-            ep["taken"] = ep["prev_action"][1:].argmax(-1)
-        return imag, np.array([st.ret for _, st in eps]), [ep for ep, _ in eps]
+        return (imag, *real(learner.policy, det))
 
     policies = {"actor (greedy)": learned(True), "actor (sampled)": learned(False)}
+    stop = None
     suite, _, task = cfg.run.env.partition(":")
     if suite == "smax":
-        from smax_scripted import ObsLayout, ScriptedPolicy
+        from smax_scripted import STOP, ObsLayout, ScriptedPolicy
 
+        stop = STOP
         layout = ObsLayout(task)
         for name in ("weakest", "weakest_sync"):
             pol = ScriptedPolicy(name, layout)
@@ -172,12 +159,13 @@ def main(argv=None) -> int:
                 d, a = dec.numpy(), avail.numpy()
                 return torch.as_tensor(np.stack([pol.act(d[m], a[m]) for m in range(d.shape[0])]))
 
-            policies[f"scripted {name}"] = (imag, *real_returns(env, pol.act, seeds))
+            policies[f"scripted {name}"] = (imag, *real(pol, True))
     rows = {}
     for name, (imag, real, episodes) in policies.items():
         rows[name] = dict(real=real, posterior=posterior_returns(learner, episodes),
-                          imagined=imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon, args.repeats),
-                          replayed=imagined_returns(learner, f_obs, f_state, f_avail, open_loop(episodes), args.horizon, args.repeats))
+                          imagined=imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon, args.repeats, stop),
+                          replayed=imagined_returns(learner, f_obs, f_state, f_avail, open_loop(episodes, stop or 0),
+                                                    args.horizon, args.repeats, stop))
     ref = rows["actor (greedy)"]
     se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))  # noqa: E731
     cols = ("real", "posterior", "imagined", "replayed")

@@ -30,8 +30,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -40,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.errors import one_of  # noqa: E402
-from mabl.train import wilson_ci  # noqa: E402
+from mabl.train import evaluate  # noqa: E402
 
 POLICIES = ("random", "first", "weakest", "weakest_sync")
 # SMAX movement actions 0-3 move by these unit vectors, 4 stops, 5 + j attacks enemy j
@@ -78,7 +81,17 @@ class ScriptedPolicy:
         if name not in POLICIES:
             raise one_of("scripted policy", name, POLICIES)
         self.name, self.layout, self.margin = name, layout, sync_margin
+        self.n_actions = N_MOVE + layout.n_enemies
         self.rng = np.random.default_rng(seed)
+
+    # the policy protocol of mabl.train.run_episode (as DecentralizedPolicy): episodes, evaluation and
+    # the recorded buffer episode come from the library's own loop
+    def initial(self, n_agents: int, device=None) -> SimpleNamespace:
+        return SimpleNamespace(prev_action=torch.zeros(n_agents, self.n_actions))
+
+    def step(self, obs: torch.Tensor, avail: torch.Tensor, carry, deterministic: bool = False):
+        a = torch.as_tensor(self.act(obs.numpy(), avail.numpy()))
+        return a, a, SimpleNamespace(prev_action=F.one_hot(a, self.n_actions).float()), None
 
     def act(self, obs: np.ndarray, avail: np.ndarray) -> np.ndarray:
         return np.array([self.agent(o, a) for o, a in zip(obs, avail)])
@@ -105,16 +118,6 @@ class ScriptedPolicy:
         return int(np.argmax(MOVES @ enemy_p[k]))
 
 
-def play(env, policy: ScriptedPolicy, seed: int) -> tuple[float, int, bool]:
-    ts = env.reset(seed=seed)
-    ret, length = 0.0, 0
-    while not ts.done:
-        ts = env.step(policy.act(ts.obs, ts.avail))
-        ret += float(np.mean(ts.reward))
-        length += 1
-    return ret, length, bool(ts.info.get("won", False))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env", default="smax:3m", help="a SMAX task, e.g. smax:3m")
@@ -139,15 +142,12 @@ def main(argv=None) -> int:
         if margin is not None and len(args.sync_margin) > 1:
             name = f"{name} (margin {margin:g})"
         t0 = time.perf_counter()
-        eps = [play(env, pol, args.seed + k) for k in range(args.episodes)]
-        rets = np.array([e[0] for e in eps])
-        wins = sum(e[2] for e in eps)
-        lo, hi = wilson_ci(wins, len(eps))
-        rows.append(dict(policy=name, episodes=len(eps), win_rate=wins / len(eps), win_ci95=[lo, hi],
-                         return_mean=float(rets.mean()), length_mean=float(np.mean([e[1] for e in eps])),
-                         seconds=time.perf_counter() - t0))
-        print(f"{name:26s} win {wins / len(eps):.3f} [{lo:.2f}, {hi:.2f}]  return {rets.mean():6.2f}  "
-              f"length {rows[-1]['length_mean']:.1f}", flush=True)
+        res = evaluate(env, pol, args.episodes, args.seed, torch.device("cpu"), with_ci=True)
+        lo, hi = res["win_rate_ci95"]
+        rows.append(dict(policy=name, episodes=args.episodes, win_rate=res["win_rate"], win_ci95=[lo, hi],
+                         return_mean=res["return"], length_mean=res["length"], seconds=time.perf_counter() - t0))
+        print(f"{name:26s} win {res['win_rate']:.3f} [{lo:.2f}, {hi:.2f}]  return {res['return']:6.2f}  "
+              f"length {res['length']:.1f}", flush=True)
     if not args.no_write:
         cmd = "python benchmarks/smax_scripted.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         table = ["| policy | win rate [95%] | mean return | mean length |", "|---|---|---:|---:|"]

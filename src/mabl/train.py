@@ -77,7 +77,6 @@ class EpisodeStats:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-@torch.no_grad()
 def explore_actions(spec, env_action: np.ndarray, avail: np.ndarray | None, eps: float,
                     rng: np.random.Generator) -> np.ndarray:
     """Exploration noise on one step's actions (``run.explore``).
@@ -97,6 +96,7 @@ def explore_actions(spec, env_action: np.ndarray, avail: np.ndarray | None, eps:
     return noisy if mask is None else np.where(mask, noisy, env_action)
 
 
+@torch.no_grad()
 def run_episode(env: MultiAgentEnv, policy: DecentralizedPolicy, seed: int, deterministic: bool,
                 device: torch.device, record: bool = True,
                 explore: float = 0.0) -> tuple[dict[str, np.ndarray] | None, EpisodeStats]:
@@ -130,9 +130,9 @@ def run_episode(env: MultiAgentEnv, policy: DecentralizedPolicy, seed: int, dete
         act = env_action.cpu().numpy()
         if rng is not None:
             act = explore_actions(spec, act, ts.avail if spec.has_action_mask else None, explore, rng)
-            model_act = torch.as_tensor(act, device=device)
-            carry = replace(carry, prev_action=policy.actor.env_to_model_action(
-                model_act if spec.discrete else torch.atanh(model_act.float().clamp(-1 + 1e-6, 1 - 1e-6))))
+            taken = torch.as_tensor(act, device=device)
+            # what the model sees of the action taken: one-hot, or the (already squashed) action itself
+            carry = replace(carry, prev_action=policy.actor.env_to_model_action(taken) if spec.discrete else taken.float())
         prev_action = carry.prev_action.cpu().numpy()
         ts = env.step(act)
         total += float(np.mean(ts.reward))
