@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from mabl.buffer import ReplayBuffer  # noqa: E402
 from mabl.config import make_config, replace  # noqa: E402
 from mabl.envs.base import EnvSpec  # noqa: E402
-from mabl.fast import Speed  # noqa: E402
+from mabl.fast import Speed, native_bf16  # noqa: E402
 from mabl.learner import MABLLearner  # noqa: E402
 
 # synthetic SMAC-like tasks: (name, agents, obs, state, actions)
@@ -49,7 +49,16 @@ TASKS = {
     27: ("smax:27m_vs_30m", 27, 285, 1000, 36),  # approximate sizes of SMAC 27m_vs_30m
 }
 SPEED_FLAGS = [f for f in asdict(Speed()) if f != "compile"]
-START, END = "<!-- learner_speed:start -->", "<!-- learner_speed:end -->"
+START, END = "<!-- learner_speed:start -->", "<!-- learner_speed:end -->"  # the AMX machine's section
+
+
+def markers(mach: dict) -> tuple[str, str]:
+    """One BENCHMARKS.md section per kind of CPU: a machine without native bf16 (AVX2 only) runs the
+    optimized path in fp32 and must not overwrite the figures measured with AMX."""
+    if mach["native_bf16"]:
+        return START, END
+    isa = mach["isa"].lower()
+    return f"<!-- learner_speed_{isa}:start -->", f"<!-- learner_speed_{isa}:end -->"
 
 
 def spec_for(n: int) -> EnvSpec:
@@ -230,7 +239,8 @@ def machine() -> dict:
     except OSError:
         load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load": load}
+            "python": platform.python_version(), "load": load, "isa": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native_bf16("cpu")}
 
 
 def git_commit() -> str | None:
@@ -247,19 +257,21 @@ def fmt(v, spec=".2f"):
 
 def table(results: list[dict], args, mach: dict, load_end) -> str:
     cmd = "python benchmarks/learner_speed.py " + " ".join(sys.argv[1:])
+    start, end = markers(mach)
+    bf16 = "bf16 matmuls (native here)" if mach["native_bf16"] else "fp32 (no native bf16 on this CPU, so `run.bf16` falls back to fp32)"
     lines = [
-        START,
-        "## Learner update speed (`benchmarks/learner_speed.py`)",
+        start,
+        "## Learner update speed (`benchmarks/learner_speed.py`)" + ("" if mach["native_bf16"] else f", {mach['isa']} CPU without native bf16"),
         "",
         f"- command: `{cmd.strip()}`",
         f"- commit: {git_commit() or 'n/a'}; date: {_dt.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['threads']} torch threads, torch {mach['torch']}, "
-        f"python {mach['python']}; load average at start {fmt_load(mach['load'])}, at end {fmt_load(load_end)}"
+        f"python {mach['python']}, CPU ISA {mach['isa']}; load average at start {fmt_load(mach['load'])}, at end {fmt_load(load_end)}"
         + (" (above the core count: other jobs shared the CPU, absolute seconds are inflated; ratios are from the same run)"
            if max((mach["load"] or [0])[0], (load_end or [0])[0]) > (mach["cores"] or 1) else ""),
         "- one full post-episode update at the `paper` preset (60 world-model steps on 40x20 sequences, 4 rounds of "
         "imagination from 800 posterior states x 15 steps + 5 PPO epochs in minibatches of 2000 joint states); "
-        "seconds, median of repeats (one run where an update takes minutes); `optimized` = the defaults (bf16 + every speed switch, no torch.compile), "
+        f"seconds, median of repeats (one run where an update takes minutes); `optimized` = the defaults (every speed switch, no torch.compile; here: {bf16}), "
         "`fp32 eager` = every switch off; `collect` = batched DecentralizedPolicy.step per second (env-free)",
         "",
         "| agents | obs/state/actions | update s | model s | imagine s | policy s | fp32 eager update s | ratio | collect steps/s | notes |",
@@ -278,7 +290,7 @@ def table(results: list[dict], args, mach: dict, load_end) -> str:
                      f"{fmt(r['collect_steps_per_s'], '.0f')} | {'; '.join(notes)} |")
     if getattr(args, "ablation_rows", None):
         lines += ablation_table(args.agents[0], args.ablation_rows, "10 model steps, 1 round" if args.quick else "20 model steps, 2 rounds")
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
@@ -299,8 +311,9 @@ def cut_str(cut: dict) -> str:
 
 def write_section(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        a, b = text.index(START), text.index(END) + len(END)
+    start, end = section.splitlines()[0], section.splitlines()[-1]
+    if start in text and end in text:
+        a, b = text.index(start), text.index(end) + len(end)
         text = text[:a] + section + text[b:]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
@@ -351,6 +364,7 @@ def main(argv=None) -> int:
     if len(results) > 1:
         main_row["runs"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if not k.startswith("_")}
                             for r in results]
+    main_row["bf16"] = bool(mach["native_bf16"])
     print(json.dumps(main_row))
     return 0
 

@@ -187,7 +187,10 @@ def main(argv=None) -> int:
         shutil.copy(run_dir / "curve.png", res_dir / f"{slug}.png")
     shutil.copy(run_dir / "eval.csv", res_dir / f"{slug}.csv")
     summary_path = run_dir / "summary.json"
-    wall = json.loads(summary_path.read_text()).get("wall_s") if summary_path.exists() else float(rows[-1]["wall_s"])
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    wall = summary.get("wall_s", float(rows[-1]["wall_s"]))
+    # the precision in effect: run.bf16 falls back to fp32 on a CPU without native bf16
+    bf16 = ("bf16" in summary["speed"].split(",")) if "speed" in summary else cfg.run.bf16
     last = rows[-1]
     best = max(rows, key=lambda r: float(r[key]))
     step_idx = np.linspace(0, len(rows) - 1, min(len(rows), 12)).round().astype(int)
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
 
 - command: `{cmd}` (training run directory `{run_dir}`)
 - commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}
-- budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={cfg.run.bf16}, {every}: {cfg.model.train_steps} model updates and {cfg.ppo.updates} imagination round(s), bootstrap={cfg.ppo.bootstrap}, entropy={cfg.ppo.entropy:g})
+- budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={bf16}, {every}: {cfg.model.train_steps} model updates and {cfg.ppo.updates} imagination round(s), bootstrap={cfg.ppo.bootstrap}, entropy={cfg.ppo.entropy:g})
 - final eval {key.replace('_', ' ')} ({'greedy' if cfg.run.eval_greedy else 'sampled actions'}, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
 - random policy, same script and evaluation seeds ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}
 {comparison_lines(cmp) + chr(10) if cmp else ""}- curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`{f", final comparison `benchmarks/results/{slug}_final.json`" if cmp else ""}

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mabl.fast as fast_mod
 from mabl.buffer import ReplayBuffer
 from mabl.config import make_config
 from mabl.envs.base import EnvSpec
@@ -323,11 +324,16 @@ def _train(optimized: bool, steps: int = 30):
     return learner, losses
 
 
-def test_short_training_optimized_matches_plain_fp32():
+@pytest.mark.parametrize("bf16_native", [True, False], ids=["bf16", "fp32-fallback"])
+def test_short_training_optimized_matches_plain_fp32(monkeypatch, bf16_native):
     """30 world-model steps from the same init on the same batches: every loss term agrees within
     5% relative (+0.02 absolute for terms near 0) at the start and after training, and both runs
-    learn. Differences come from bf16 matmuls and the other sampling random stream only."""
-    _, fast = _train(True)
+    learn. Differences come from bf16 matmuls and the other sampling random stream only.
+    Both precisions of the optimized path are checked whatever this CPU has: bf16 (as on a CPU
+    with AMX) and the fp32 fallback of a CPU without native bf16."""
+    monkeypatch.setattr(fast_mod, "native_bf16", lambda device="cpu": bf16_native)
+    learner, fast = _train(True)
+    assert learner.speed.bf16 is bf16_native
     _, plain = _train(False)
     for step in (0, len(fast) - 1):
         for key in ("model/loss", "model/obs", "model/reward", "model/cont", "model/action", "model/avail"):
@@ -363,3 +369,19 @@ def test_plain_train_round_still_works_with_nullcontext():
     model.speed = Speed.all_on(bf16=False)
     stats = algo.train_round(model, start, contextlib.nullcontext)
     assert all(np.isfinite(v) for v in stats.values())
+
+
+def test_bf16_falls_back_to_fp32_where_it_is_not_native(monkeypatch):
+    """run.bf16 keeps bf16 only on a device that multiplies it in hardware (emulated bf16 on an
+    AVX2-only CPU runs ~100x slower than fp32); the other switches are untouched."""
+    run = make_config("tiny", "smax:3m", {"run": dict(bf16=True, fused_kl=True)}).run
+    for name, native in (("_is_amx_tile_supported", False), ("_is_avx512_bf16_supported", False)):
+        monkeypatch.setattr(torch.cpu, name, lambda native=native: native, raising=False)
+    assert fast_mod.native_bf16("cpu") is False
+    sp = Speed.from_run(run, "cpu")
+    assert sp.bf16 is False and sp.fused_kl is True
+    assert Speed.from_run(run).bf16 is True  # no device given: the flag as configured
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert fast_mod.native_bf16("cpu") is True and Speed.from_run(run, "cpu").bf16 is True
+    off = make_config("tiny", "smax:3m", {"run": dict(bf16=False)}).run
+    assert Speed.from_run(off, "cpu").bf16 is False

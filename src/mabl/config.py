@@ -97,7 +97,9 @@ class RunConfig:
     run_dir: str = ""  # default runs/<env>/<preset>/seed<seed>
     # Speed switches of the learner update (mabl.fast; none changes the math, all off = plain fp32 eager;
     # benchmarks/learner_speed.py measures them).
-    bf16: bool = True  # bf16 matmuls (CPU AMX / CUDA tensor cores) with fp32 master weights
+    # bf16 matmuls with fp32 master weights where the device has them in hardware (CPU AMX or
+    # AVX512-BF16, CUDA bf16); elsewhere fp32 (emulated bf16 is ~100x slower), see mabl.fast.native_bf16
+    bf16: bool = True
     compile: bool = False  # torch.compile the PPO minibatch losses (first compile costs minutes)
     fused_recurrence: bool = True  # posterior rollout: split GRU matmul, one matmul per recurrent tensor and step
     fused_heads: bool = True  # heads sharing an input: one first-layer matmul; imagination reuses the availability head

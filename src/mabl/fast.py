@@ -52,9 +52,13 @@ class Speed:
     tune_malloc: bool = False
 
     @classmethod
-    def from_run(cls, run) -> "Speed":
-        """The switches of a :class:`mabl.config.RunConfig`."""
-        return cls(**{f.name: bool(getattr(run, f.name)) for f in fields(cls)})
+    def from_run(cls, run, device: torch.device | str | None = None) -> "Speed":
+        """The switches of a :class:`mabl.config.RunConfig`. With a ``device``, ``bf16`` is kept
+        only where that device multiplies bf16 natively (:func:`native_bf16`)."""
+        flags = {f.name: bool(getattr(run, f.name)) for f in fields(cls)}
+        if device is not None and flags["bf16"] and not native_bf16(device):
+            flags["bf16"] = False
+        return cls(**flags)
 
     @classmethod
     def all_on(cls, bf16: bool = True) -> "Speed":
@@ -70,6 +74,19 @@ class Speed:
 
 
 PLAIN = Speed()
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` runs bf16 matmuls in hardware: CUDA with bf16 support, or a CPU with
+    AMX tiles or AVX512-BF16. Elsewhere (e.g. an AVX2-only CPU) oneDNN emulates bf16 at ~1 GFLOP/s,
+    about 100x slower than fp32, so ``run.bf16`` falls back to fp32 there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def no_autocast(device_type: str):

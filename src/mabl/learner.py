@@ -70,7 +70,7 @@ class MABLLearner:
                  make_algorithm: Callable | None = None):
         self.spec, self.cfg = spec, cfg
         self.device = torch.device(device)
-        self.speed = Speed.from_run(cfg.run)
+        self.speed = Speed.from_run(cfg.run, self.device)  # bf16 only where it is native
         if self.speed.tune_malloc:
             tune_malloc()
         self.model = BiLevelWorldModel(spec, cfg.model, speed=self.speed).to(self.device)
@@ -83,7 +83,7 @@ class MABLLearner:
 
     # autocast: bf16 matmuls with fp32 master weights (CPU AMX / CUDA tensor cores)
     def autocast(self):
-        if not self.cfg.run.bf16:
+        if not self.speed.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 

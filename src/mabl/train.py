@@ -509,6 +509,9 @@ class Trainer:
                 raise self._divergence_report(e) from None
         summary = {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "episodes": self.episodes,
                    "wall_s": round(self.wall, 1), **{f"eval_{k}": v for k, v in self.last_eval.items()}}
+        speed = getattr(self.learner, "speed", None)
+        if speed is not None:  # the switches in effect (bf16 falls back to fp32 where it is not native)
+            summary["speed"] = speed.describe()
         if self.cfg.run.skip_nonfinite:
             summary["nonfinite_skipped"] = self.learner.guard.skipped
         if self.checkpoint_stats:  # this session's checkpoint writes (buffer shard + checkpoint file)
