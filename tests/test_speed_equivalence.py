@@ -84,8 +84,9 @@ def _max_rel(a_list, b_list):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["bilevel", "no-global", "single-global"])
 @pytest.mark.parametrize("flags", [dict(fused_recurrence=True), dict(fused_heads=True), dict(fused_kl=True),
-                                   dict(fused_recurrence=True, fused_heads=True, fused_kl=True)],
-                         ids=["recurrence", "heads", "kl", "all"])
+                                   dict(fused_recurrence=True, fused_heads=True, fused_kl=True),
+                                   dict(fused_recurrence=True, fused_heads=True, fused_kl=True, gather_onehot=True)],
+                         ids=["recurrence", "heads", "kl", "all", "all+gather"])
 def test_world_model_loss_and_gradients_match_plain_fp32(variant, flags):
     """Same weights, same Gumbel noise (fast_sampling off): identical loss terms and gradients."""
     model, _ = _model(**variant)
@@ -118,8 +119,9 @@ def test_fused_observe_matches_plain_posteriors_and_carry(variant):
                 assert torch.allclose(x, y, atol=1e-5), name
 
 
+@pytest.mark.parametrize("gather", [False, True], ids=["matmul", "gather"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=["bilevel", "no-global", "single-global"])
-def test_fused_imagination_matches_plain(variant):
+def test_fused_imagination_matches_plain(variant, gather):
     """Fused first layers + availability reused: the same trajectory from the same random stream."""
     model, cfg = _model(**variant)
     algo = MAPPO(SPEC, model, cfg.ppo)
@@ -130,7 +132,7 @@ def test_fused_imagination_matches_plain(variant):
     model.speed = PLAIN
     torch.manual_seed(3)
     t0 = imagine(model, algo.actor, start, 6)
-    model.speed = Speed(fused_heads=True)
+    model.speed = Speed(fused_heads=True, gather_onehot=gather)
     torch.manual_seed(3)
     t1 = imagine(model, algo.actor, start, 6)
     assert torch.equal(t0.raw, t1.raw) and torch.equal(t0.avail, t1.avail)
@@ -229,6 +231,55 @@ def test_loop_linear_gradient_equals_autograd():
     ll = LoopLinear(w)
     ours = torch.autograd.grad(run(lambda h: ll(h)), [w, x0])
     assert torch.allclose(ref[0], ours[0], atol=1e-5) and torch.allclose(ref[1], ours[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["bilevel", "no-global", "single-global"])
+def test_ppo_round_with_gathered_onehots_matches_matmuls(variant):
+    """Speed.gather_onehot in the PPO round (imagination, values, actor and critic minibatches):
+    from the same random stream the same statistics and the same trained weights as matmuls."""
+    results = []
+    for gather in (False, True):
+        model, cfg = _model(**variant)
+        torch.manual_seed(5)
+        algo = MAPPO(SPEC, model, cfg.ppo)
+        start = model.initial((9,))
+        start.z_a.copy_(F.one_hot(torch.randint(0, 4, (9, 3, 4)), 4).flatten(-2).float())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.speed = Speed(fused_heads=True, fast_critic=True, gather_onehot=gather)
+        torch.manual_seed(6)
+        stats = algo.train_round(model, start, contextlib.nullcontext)
+        results.append((stats, [p.detach().clone() for p in algo.parameters()]))
+    (s0, w0), (s1, w1) = results
+    for k in s0:
+        assert math.isclose(s0[k], s1[k], rel_tol=1e-4, abs_tol=1e-5), (k, s0[k], s1[k])
+    # Adam turns summation-order differences of near-zero gradients into ~lr-sized steps: 1e-3
+    assert _max_rel(w0, w1) < 1e-3
+
+
+def test_onehot_linear_value_and_gradients():
+    """The gather-based product of a one-hot latent and a weight: value and both gradients of the matmul."""
+    from mabl.fast import onehot_indices, onehot_linear, onehot_weight
+    torch.manual_seed(0)
+    C, K, out = 6, 8, 5
+    idx = torch.randint(0, K, (4, 3, C))
+    z = F.one_hot(idx, K).float().flatten(-2)
+    z[0, 0] = 0.0  # an all-zero latent (the initial carry) selects nothing
+    z.requires_grad_(True)
+    flat_idx = onehot_indices(z, K)
+    assert torch.equal(flat_idx[1:], (idx + torch.arange(C) * K + 1)[1:]) and (flat_idx[0, 0] == 0).all()
+    w = torch.randn(out, C * K, requires_grad=True)
+    wt = onehot_weight(w)
+    g = torch.randn(4, 3, out)
+    ref = F.linear(z, w)
+    ours = onehot_linear(z, flat_idx, wt)
+    assert torch.allclose(ref, ours, atol=1e-5)
+    gr = torch.autograd.grad((ref * g).sum(), [z, w])
+    go = torch.autograd.grad((ours * g).sum(), [z, w])
+    for a, b in zip(gr, go):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(onehot_linear(z, flat_idx, wt), ref, atol=1e-5)
 
 
 def test_onehot_projection_is_a_gather():

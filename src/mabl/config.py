@@ -107,6 +107,7 @@ class RunConfig:
     fused_kl: bool = True  # balanced KL computed once, both gradient weights in one analytic backward
     fast_critic: bool = True  # attention over agents as batched matmuls, no critic-input concat, bf16 PPO features
     fused_adam: bool = True  # fused Adam kernel + foreach gradient clipping
+    gather_onehot: bool = True  # fp32 only: one-hot latent x weight as a gather-sum in the forward pass
     tune_malloc: bool = True  # glibc keeps freed memory (no page faults per large tensor); process-wide, one-way
     threads: int = 0  # torch intra-op threads (0: torch default)
     skip_nonfinite: bool = False  # skip a batch with non-finite loss/grad instead of stopping

@@ -26,6 +26,10 @@ against. None of them changes what is computed, only how:
   features stored in the compute dtype.
 * ``fused_adam``: ``torch.optim.Adam(fused=True)`` and foreach gradient clipping.
 * ``compile``: ``torch.compile`` of the PPO minibatch losses (first compile costs minutes).
+* ``gather_onehot``: a matmul whose input is a one-hot latent (32 ones in 1024 columns) done as a
+  gather-sum of the 32 selected weight columns (``embedding_bag``) in the forward pass; the
+  backward stays dense (PyTorch's scatter-adds are slower than the matmul). Used in fp32 only
+  (no native bf16): there the matmul runs at ~130 GFLOP/s and the gather is ~6x faster.
 * ``tune_malloc`` (process-wide, one-way): glibc keeps freed memory instead of returning every
   large tensor to the kernel, which otherwise zero-fills fresh pages on each reallocation.
 """
@@ -50,6 +54,13 @@ class Speed:
     fused_adam: bool = False
     compile: bool = False
     tune_malloc: bool = False
+    gather_onehot: bool = False
+
+    @property
+    def gather(self) -> bool:
+        """One-hot latents times a weight as a gather-sum (fp32 only: with native bf16 the AMX
+        matmul was measured as fast as the gather, and the gather's indices need exact one-hots)."""
+        return self.gather_onehot and not self.bf16
 
     @classmethod
     def from_run(cls, run, device: torch.device | str | None = None) -> "Speed":
@@ -185,6 +196,23 @@ class FusedLinears:
         y = F.linear(x, self.w[src], self.b[src])
         return dict(zip(self.names[src], y.split(self.sizes[src], -1)))
 
+    def project_onehot(self, src: str, x: torch.Tensor, idx: torch.Tensor | None, S: int) -> dict[str, torch.Tensor]:
+        """:meth:`project` where the first ``S`` columns of ``x`` are a one-hot latent with its
+        ones at ``idx`` (``Speed.gather_onehot``: a gather instead of that part of the matmul);
+        ``idx=None``: plain :meth:`project`."""
+        if idx is None:
+            return self.project(src, x)
+        wt = self._wt.get(src) if hasattr(self, "_wt") else None
+        if wt is None:
+            self._wt = getattr(self, "_wt", {})
+            wt = self._wt[src] = onehot_weight(self.w[src][:, :S])
+        y = onehot_linear(x[..., :S], idx, wt)
+        if x.shape[-1] > S:
+            y = y + F.linear(x[..., S:], self.w[src][:, S:], self.b[src])
+        elif self.b[src] is not None:
+            y = y + self.b[src]
+        return dict(zip(self.names[src], y.split(self.sizes[src], -1)))
+
     @staticmethod
     def out(name: str, *projs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = None
@@ -192,6 +220,72 @@ class FusedLinears:
             if p is not None and name in p:
                 out = p[name] if out is None else out + p[name]
         return out
+
+
+# ------------------------------------------------------------------------------------------
+# one-hot latents times a weight as a gather (Speed.gather_onehot)
+
+_INDEX_W: dict = {}
+
+
+def onehot_indices(z: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Positions ``[..., C]`` of the ones of one-hot latents ``z [..., C*K]`` as row numbers of
+    :func:`onehot_weight` (column + 1; 0 for a categorical with no one, e.g. a zero initial carry).
+
+    One small matmul with a fixed index matrix (ATen's argmax over 32-wide rows is ~10x slower);
+    exact in fp32 for S = C*K < 2^24."""
+    S = z.shape[-1]
+    key = (S, n_classes, z.device, z.dtype)
+    w = _INDEX_W.get(key)
+    if w is None:
+        w = torch.zeros(S, S // n_classes, dtype=z.dtype, device=z.device)
+        cols = torch.arange(S, device=z.device)
+        w[cols, cols // n_classes] = (cols + 1).to(z.dtype)
+        _INDEX_W[key] = w
+    return torch.matmul(z.detach(), w).round_().long()  # (a straight-through one is one up to rounding)
+
+
+def onehot_weight(w: torch.Tensor) -> torch.Tensor:
+    """The table of a gather: ``w [out, S]`` (the latent's block of a Linear weight) as
+    ``[S + 1, out]`` rows with a zero row 0 (the padding of an empty categorical)."""
+    return torch.cat([w.new_zeros(1, w.shape[0]), w.t()], 0)
+
+
+class _OneHotLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, wtp, idx):
+        ctx.save_for_backward(z, wtp)
+        return F.embedding_bag(idx, wtp, mode="sum", padding_idx=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, wtp = ctx.saved_tensors
+        gz = g @ wtp[1:].t() if ctx.needs_input_grad[0] else None
+        gw = torch.cat([g.new_zeros(1, g.shape[-1]), z.t() @ g], 0) if ctx.needs_input_grad[1] else None
+        return gz, gw, None
+
+
+def onehot_linear(z: torch.Tensor, idx: torch.Tensor, wtp: torch.Tensor) -> torch.Tensor:
+    """``z @ w.t()`` for one-hot latents ``z [..., S]`` (ones at :func:`onehot_indices` ``idx``),
+    ``wtp = onehot_weight(w)``. Forward: the sum of the selected rows; backward (where a gradient
+    is needed): the dense matmuls of a linear layer. Same value and gradients as the matmul."""
+    lead = z.shape[:-1]
+    i2 = idx.reshape(-1, idx.shape[-1])
+    if torch.is_grad_enabled() and (z.requires_grad or wtp.requires_grad):
+        y = _OneHotLinear.apply(z.reshape(-1, z.shape[-1]), wtp, i2)
+    else:
+        y = F.embedding_bag(i2, wtp, mode="sum", padding_idx=0)
+    return y.view(*lead, wtp.shape[-1])
+
+
+def split_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, idx: torch.Tensor | None = None,
+                 wt_onehot: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` where ``x = [one-hot z | dense rest]``; with ``idx`` (the ones of z)
+    the z part is a gather (:func:`onehot_linear`; ``wt_onehot = onehot_weight(w[:, :S])``)."""
+    if idx is None:
+        return F.linear(x, w, b)
+    S = wt_onehot.shape[0] - 1
+    return onehot_linear(x[..., :S], idx, wt_onehot) + F.linear(x[..., S:], w[:, S:], b)
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from torch import nn
 
 from mabl.config import PPOConfig
 from mabl.envs.base import EnvSpec
-from mabl.fast import PLAIN, Caster, FusedLinears, agent_attention, clip_grad_norm, fused_adam, mlp_forward, mlp_tail, no_autocast
+from mabl.fast import (PLAIN, Caster, FusedLinears, agent_attention, clip_grad_norm, fused_adam, mlp_forward, mlp_tail, no_autocast,
+                       onehot_indices, onehot_weight, split_linear)
 from mabl.nets import gru_update, mlp
 from mabl.policy import Actor
 from mabl.world_model import BiLevelWorldModel, LatentState
@@ -76,18 +77,25 @@ class AttentionCritic(nn.Module):
         h = self.norm(e + a)
         return self.out(h).squeeze(-1).reshape(*lead, x.shape[-2]).float()
 
-    def forward_split(self, xs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def forward_split(self, xs: list[torch.Tensor], dtype: torch.dtype, onehot: tuple[int, list[torch.Tensor]] | None = None) -> torch.Tensor:
         """``forward(torch.cat(xs, -1))`` without the concatenation (``Speed.fast_critic``).
 
         The embedding is one matmul per input part; the attention across agents is
         :func:`mabl.fast.agent_attention` (all heads in one batched matmul, a small-dim softmax);
         everything in ``dtype`` (fp32 statistics inside LayerNorm). Same math as :meth:`forward`.
+        ``onehot = (S, idxs)``: every part starts with an S-wide one-hot latent whose ones are at
+        ``idxs[j]``; its product with the weight is a gather (``Speed.gather_onehot``).
         """
         lead, n = xs[0].shape[:-2], xs[0].shape[-2]
         w, off, pre = self.embed.weight, 0, None
-        for x in xs:
+        for j, x in enumerate(xs):
             d = x.shape[-1]
-            y = F.linear(x.to(dtype), w[:, off:off + d].to(dtype), self.embed.bias.to(dtype) if off == 0 else None)
+            wj, bj = w[:, off:off + d].to(dtype), self.embed.bias.to(dtype) if off == 0 else None
+            if onehot is None:
+                y = F.linear(x.to(dtype), wj, bj)
+            else:
+                S, idxs = onehot
+                y = split_linear(x.to(dtype), wj, bj, idxs[j], onehot_weight(wj[:, :S]))
             pre = y if pre is None else pre + y
             off += d
         e = F.relu(pre).reshape(-1, n, self.embed.out_features)
@@ -187,14 +195,20 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
 
         h_a, z_a = start.h_a.float(), start.z_a.to(dt)
         dev = h_a.device
+        K = cfg.n_classes
+        # Speed.gather_onehot: one-hot latents enter matmuls as gathers of their ones' columns
+        ids = (lambda z: onehot_indices(z, K)) if sp.gather else (lambda z: None)  # noqa: E731
+        proj = lambda src, x, idx: fl.project_onehot(src, x, idx, S)  # noqa: E731
+        ia, ig = ids(z_a), None
         fa_buf = torch.empty(horizon + 1, M, N, S + D, dtype=dt, device=dev)
         fg_buf = torch.empty(horizon + 1, M, N, S + D, dtype=dt, device=dev) if bil else None
         if bil:
             h_g, z_g = start.h_g.float(), start.z_g.to(dt)
-            p_zg, p_hg = fl.project("z_g", z_g), fl.project("h_g", h_g.to(dt))
+            ig = ids(z_g)
+            p_zg, p_hg = proj("z_g", z_g, ig), fl.project("h_g", h_g.to(dt))
         else:
             p_zg = p_hg = None
-        p_za, p_ha = fl.project("z_a", z_a), fl.project("h_a", h_a.to(dt))
+        p_za, p_ha = proj("z_a", z_a, ia), fl.project("h_a", h_a.to(dt))
         raws, logps, avails, rews, conts = [], [], [], [], []
         for t in range(horizon + 1):
             fa_buf[t, ..., :S] = z_a
@@ -202,8 +216,8 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
             if bil:
                 fg_buf[t, ..., :S] = model._expand_g(z_g)
                 fg_buf[t, ..., S:] = model._expand_g(h_g)
-            p_fa = fl.project("fa", fa_buf[t])
-            p_fg = fl.project("fg", fg_buf[t]) if bil else None
+            p_fa = proj("fa", fa_buf[t], ia)
+            p_fg = proj("fg", fg_buf[t], None if ig is None else model._expand_g(ig)) if bil else None
             if t > 0:  # reward and termination of the transition into state t
                 rews.append(mlp_tail(model.reward_head, fl.out("reward", p_fa), c).squeeze(-1).float())
                 cont = mlp_tail(model.cont_head, fl.out("cont", p_fa, p_fg), c).squeeze(-1).float()
@@ -229,10 +243,12 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
                 h_g = gru_update(F.linear(xg, Wx_g, b_g) + fl.out("gru_g", p_hg), h_g, D)
                 p_hg = fl.project("h_g", h_g.to(dt))
                 z_g = model._sample(mlp_tail(model.global_prior, fl.out("prior_g", p_hg), c), True, dt)
-                p_zg = fl.project("z_g", z_g)
+                ig = ids(z_g)
+                p_zg = proj("z_g", z_g, ig)
             z_a = model._sample(mlp_tail(model.agent_prior, fl.out("prior_a", p_ha, p_zg), c), True, dt)
+            ia = ids(z_a)
             if t < horizon - 1:
-                p_za = fl.project("z_a", z_a)
+                p_za = proj("z_a", z_a, ia)
     return Imagined(
         feat_a=fa_buf, feat_g=fg_buf, raw=torch.stack(raws), logp=torch.stack(logps),
         avail=torch.stack(avails) if avails else None, reward=torch.stack(rews), cont=torch.stack(conts),
@@ -269,6 +285,7 @@ class MAPPO(nn.Module):
         self.actor_opt = fused_adam(self.actor.parameters(), cfg.actor_lr, fused)
         self.critic_opt = fused_adam(self.critic.parameters(), cfg.critic_lr, fused)
         self.entropy_coef = cfg.entropy
+        self._stoch = model.stoch  # width of a one-hot latent (the first columns of fa and fg)
         self.timings: dict[str, float] = {}
         self._compiled = None
 
@@ -363,17 +380,26 @@ class MAPPO(nn.Module):
         fg = None if traj.feat_g is None else traj.feat_g.to(dt)
         parts = {"global+agent": lambda a, g: [a, g], "global": lambda a, g: [g], "agent": lambda a, g: [a]}[self.critic_input]
         dev = fa.device.type
+        S = model.stoch
+        # Speed.gather_onehot: the one-hot latents' columns, found once per round
+        ia = onehot_indices(fa[..., :S], model.cfg.n_classes) if sp.gather else None
+        ig = onehot_indices(fg[..., :S], model.cfg.n_classes) if sp.gather and fg is not None else None
+        onehot = (lambda a, g: None) if ia is None else (lambda a, g: (S, parts(a, g)))
         with torch.no_grad(), no_autocast(dev):
             Hp1, M = fa.shape[:2]
             flat_a, flat_g = fa.flatten(0, 1), None if fg is None else fg.flatten(0, 1)
+            fia, fig = (None, None) if ia is None else (ia.flatten(0, 1), None if ig is None else ig.flatten(0, 1))
             chunk = max(1, 8192 // max(1, fa.shape[2]) * 4)
-            values = torch.cat([self.critic.forward_split(parts(flat_a[i:i + chunk], None if flat_g is None else flat_g[i:i + chunk]), dt)
+            sl = lambda x, i: None if x is None else x[i:i + chunk]  # noqa: E731
+            values = torch.cat([self.critic.forward_split(parts(sl(flat_a, i), sl(flat_g, i)), dt, onehot(sl(fia, i), sl(fig, i)))
                                 for i in range(0, flat_a.shape[0], chunk)]).view(Hp1, M, -1)
         adv, ret, weight = self._advantages(traj, values)
         H, M = traj.raw.shape[:2]
         K = H * M
         flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
         fa_k, fg_k = flat(fa[:-1]), flat(None if fg is None else fg[:-1])
+        ia_k, ig_k = (None, None) if ia is None else (flat(ia[:-1]), flat(None if ig is None else ig[:-1]))
+        sel = lambda x, i: None if x is None else x.index_select(0, i)  # noqa: E731
         raw, logp_old, avail = flat(traj.raw), flat(traj.logp), flat(traj.avail)
         adv, ret, weight = flat(adv), flat(ret), flat(weight)
         actor_fn, critic_fn = self._loss_fns(sp)
@@ -385,13 +411,14 @@ class MAPPO(nn.Module):
                 w = weight[idx]
                 a_mb = fa_k.index_select(0, idx)
                 g_mb = None if fg_k is None else fg_k.index_select(0, idx)
+                ia_mb, ig_mb = sel(ia_k, idx), sel(ig_k, idx)
                 with no_autocast(dev):
                     actor_loss, ent = actor_fn(a_mb, raw[idx], None if avail is None else avail[idx], logp_old[idx], adv[idx], w,
-                                               self.entropy_coef)
+                                               self.entropy_coef, ia_mb)
                 self._step(self.actor_opt, self.actor, actor_loss, guard, "actor_loss")
                 self.entropy_coef *= cfg.entropy_annealing
                 with no_autocast(dev):
-                    critic_loss = critic_fn(parts(a_mb, g_mb), ret[idx], w)
+                    critic_loss = critic_fn(parts(a_mb, g_mb), ret[idx], w, None if ia_mb is None else onehot(ia_mb, ig_mb))
                 self._step(self.critic_opt, self.critic, critic_loss, guard, "critic_loss")
                 stats["actor_loss"] += float(actor_loss.detach())
                 stats["critic_loss"] += float(critic_loss.detach())
@@ -407,14 +434,20 @@ class MAPPO(nn.Module):
         """The minibatch losses of the fast path (optionally ``torch.compile``d)."""
         dt, cfg = sp.dtype, self.cfg
 
-        def actor_loss(fa, raw, avail, logp_old, adv, w, ent_coef):
-            out = mlp_forward(self.actor.net, fa, dt)
+        def actor_loss(fa, raw, avail, logp_old, adv, w, ent_coef, idx=None):
+            if idx is None:
+                out = mlp_forward(self.actor.net, fa, dt)
+            else:  # Speed.gather_onehot: the latent's columns of the first layer as a gather
+                first = self.actor.net[0]
+                wf = first.weight.to(dt)
+                S = self._stoch
+                out = mlp_tail(self.actor.net, split_linear(fa, wf, first.bias.to(dt), idx, onehot_weight(wf[:, :S])), dt)
             logp, ent = self.actor.log_prob_entropy_from_params(*self.actor.params_from_out(out, avail), raw)
             pg = ppo_clip_loss(logp, logp_old, adv, cfg.clip)
             return (w * (pg - ent_coef * ent)).mean(), ent.detach().mean()
 
-        def critic_loss(xs, ret, w):
-            v = self.critic.forward_split(xs, dt)
+        def critic_loss(xs, ret, w, onehot=None):
+            v = self.critic.forward_split(xs, dt, onehot)
             return (w * 0.5 * (v - ret) ** 2).mean()
 
         if not sp.compile:

@@ -31,7 +31,8 @@ from torch import nn
 
 from mabl.config import WorldModelConfig
 from mabl.envs.base import EnvSpec
-from mabl.fast import PLAIN, FusedLinears, LoopLinear, Speed, kl_balanced_fused, mlp_forward, mlp_tail, mode_flat, no_autocast, sample_st
+from mabl.fast import (PLAIN, FusedLinears, LoopLinear, Speed, kl_balanced_fused, mlp_forward, mlp_tail, mode_flat, no_autocast,
+                       onehot_indices, onehot_linear, onehot_weight, sample_st)
 from mabl.nets import GRUCell, SplitLinear, gru_update, mlp, sample_onehot
 
 
@@ -467,7 +468,11 @@ class BiLevelWorldModel(nn.Module):
                 logits["prior_g"] = mlp_forward(self.global_prior, post.h_g, dt)
                 zhat_g = self._expand_g(self._sample(logits["prior_g"], sample, dt))
                 ap = self.agent_prior[0]
-                pre = F.linear(post.h_a.to(dt), c(ap.parts[0].weight), c(ap.parts[0].bias)) + F.linear(zhat_g, c(ap.parts[1].weight))
+                if self.speed.gather:  # Speed.gather_onehot: the sampled ẑ^g enters as a gather
+                    z_part = onehot_linear(zhat_g, onehot_indices(zhat_g, self.cfg.n_classes), onehot_weight(c(ap.parts[1].weight)))
+                else:
+                    z_part = F.linear(zhat_g, c(ap.parts[1].weight))
+                pre = F.linear(post.h_a.to(dt), c(ap.parts[0].weight), c(ap.parts[0].bias)) + z_part
                 logits["prior_a"] = mlp_tail(self.agent_prior, pre, dt)
             else:
                 ap = self.agent_prior[0]
@@ -501,8 +506,11 @@ class BiLevelWorldModel(nn.Module):
                 fa = torch.cat([post.z_a.to(dt), post.h_a.to(dt)], -1)
                 fg = self._expand_g(torch.cat([post.z_g.to(dt), post.h_g.to(dt)], -1)) if self.bilevel else None
                 fl = self.fused_heads(dt)
-                pa = fl.project("fa", fa)
-                pg = fl.project("fg", fg) if self.bilevel else None
+                # Speed.gather_onehot: the latents' columns of the first layers as gathers (forward)
+                ia = onehot_indices(post.z_a, cfg.n_classes) if sp.gather else None
+                ig = self._expand_g(onehot_indices(post.z_g, cfg.n_classes)) if sp.gather and self.bilevel else None
+                pa = fl.project_onehot("fa", fa, ia, self.stoch)
+                pg = fl.project_onehot("fg", fg, ig, self.stoch) if self.bilevel else None
                 head = lambda name, net, p=None: mlp_tail(net, fl.out(name, pa, pg) if p is None else p, dt)  # noqa: E731
                 obs_pred = head("obs", self.obs_decoder)
                 reward_pred = head("reward", self.reward_head).squeeze(-1)
