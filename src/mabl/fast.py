@@ -170,6 +170,7 @@ class FusedLinears:
         self.dtype = dtype
         self._layers: list[tuple[str, torch.Tensor | None, dict[str, torch.Tensor]]] = []
         self._built = False
+        self._wt: dict[str, torch.Tensor] = {}  # gather tables of project_onehot
 
     def add(self, name: str, bias: torch.Tensor | None, blocks: dict[str, torch.Tensor]) -> "FusedLinears":
         self._layers.append((name, bias, blocks))
@@ -202,9 +203,8 @@ class FusedLinears:
         ``idx=None``: plain :meth:`project`."""
         if idx is None:
             return self.project(src, x)
-        wt = self._wt.get(src) if hasattr(self, "_wt") else None
-        if wt is None:
-            self._wt = getattr(self, "_wt", {})
+        wt = self._wt.get(src)
+        if wt is None:  # the gather table, once per source
             wt = self._wt[src] = onehot_weight(self.w[src][:, :S])
         y = onehot_linear(x[..., :S], idx, wt)
         if x.shape[-1] > S:
