@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mabl.fast import native_bf16  # noqa: E402
 from mabl.config import config_from_dict, make_config, parse_set  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, mean_ci, run_episode, summarize, train  # noqa: E402
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     wall = summary.get("wall_s", float(rows[-1]["wall_s"]))
     # the precision in effect: run.bf16 falls back to fp32 on a CPU without native bf16
-    bf16 = ("bf16" in summary["speed"].split(",")) if "speed" in summary else cfg.run.bf16
+    # (a stopped run has no summary: then as it would run on the machine writing this report)
+    bf16 = ("bf16" in summary["speed"].split(",")) if "speed" in summary else (cfg.run.bf16 and native_bf16("cpu"))
     last = rows[-1]
     best = max(rows, key=lambda r: float(r[key]))
     step_idx = np.linspace(0, len(rows) - 1, min(len(rows), 12)).round().astype(int)
