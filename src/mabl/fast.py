@@ -279,13 +279,12 @@ def onehot_linear(z: torch.Tensor, idx: torch.Tensor, wtp: torch.Tensor) -> torc
 
 
 def split_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, idx: torch.Tensor | None = None,
-                 wt_onehot: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, b)`` where ``x = [one-hot z | dense rest]``; with ``idx`` (the ones of z)
-    the z part is a gather (:func:`onehot_linear`; ``wt_onehot = onehot_weight(w[:, :S])``)."""
+                 S: int = 0) -> torch.Tensor:
+    """``F.linear(x, w, b)`` where ``x = [S-wide one-hot z | dense rest]``; with ``idx`` (the ones
+    of z, :func:`onehot_indices`) the z part is a gather (:func:`onehot_linear`)."""
     if idx is None:
         return F.linear(x, w, b)
-    S = wt_onehot.shape[0] - 1
-    return onehot_linear(x[..., :S], idx, wt_onehot) + F.linear(x[..., S:], w[:, S:], b)
+    return onehot_linear(x[..., :S], idx, onehot_weight(w[:, :S])) + F.linear(x[..., S:], w[:, S:], b)
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 from mabl.config import PPOConfig
 from mabl.envs.base import EnvSpec
 from mabl.fast import (PLAIN, Caster, FusedLinears, agent_attention, clip_grad_norm, fused_adam, mlp_forward, mlp_tail, no_autocast,
-                       onehot_indices, onehot_weight, split_linear)
+                       onehot_indices, split_linear)
 from mabl.nets import gru_update, mlp
 from mabl.policy import Actor
 from mabl.world_model import BiLevelWorldModel, LatentState
@@ -95,7 +95,7 @@ class AttentionCritic(nn.Module):
                 y = F.linear(x.to(dtype), wj, bj)
             else:
                 S, idxs = onehot
-                y = split_linear(x.to(dtype), wj, bj, idxs[j], onehot_weight(wj[:, :S]))
+                y = split_linear(x.to(dtype), wj, bj, idxs[j], S)
             pre = y if pre is None else pre + y
             off += d
         e = F.relu(pre).reshape(-1, n, self.embed.out_features)
@@ -119,6 +119,10 @@ class Imagined:
     avail: torch.Tensor | None  # [H, M, N, A] bool (predicted availability used to mask)
     reward: torch.Tensor  # [H, M, N] predicted reward of transition t
     cont: torch.Tensor  # [H, M, N] predicted continuation of state t+1
+    # Speed.gather_onehot: where the ones of the latents in feat_a / feat_g sit ([H+1, M, N, C],
+    # mabl.fast.onehot_indices); None when imagination did not compute them
+    idx_a: torch.Tensor | None = None
+    idx_g: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -209,15 +213,18 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
         else:
             p_zg = p_hg = None
         p_za, p_ha = proj("z_a", z_a, ia), fl.project("h_a", h_a.to(dt))
-        raws, logps, avails, rews, conts = [], [], [], [], []
+        raws, logps, avails, rews, conts, ias, igs = [], [], [], [], [], [], []
         for t in range(horizon + 1):
             fa_buf[t, ..., :S] = z_a
             fa_buf[t, ..., S:] = h_a
             if bil:
                 fg_buf[t, ..., :S] = model._expand_g(z_g)
                 fg_buf[t, ..., S:] = model._expand_g(h_g)
+            ig_n = None if ig is None else model._expand_g(ig)
             p_fa = proj("fa", fa_buf[t], ia)
-            p_fg = proj("fg", fg_buf[t], None if ig is None else model._expand_g(ig)) if bil else None
+            p_fg = proj("fg", fg_buf[t], ig_n) if bil else None
+            if ia is not None:  # kept for the PPO epochs
+                ias.append(ia), igs.append(ig_n)
             if t > 0:  # reward and termination of the transition into state t
                 rews.append(mlp_tail(model.reward_head, fl.out("reward", p_fa), c).squeeze(-1).float())
                 cont = mlp_tail(model.cont_head, fl.out("cont", p_fa, p_fg), c).squeeze(-1).float()
@@ -252,6 +259,7 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
     return Imagined(
         feat_a=fa_buf, feat_g=fg_buf, raw=torch.stack(raws), logp=torch.stack(logps),
         avail=torch.stack(avails) if avails else None, reward=torch.stack(rews), cont=torch.stack(conts),
+        idx_a=torch.stack(ias) if ias else None, idx_g=torch.stack(igs) if ias and bil else None,
     )
 
 
@@ -381,9 +389,11 @@ class MAPPO(nn.Module):
         parts = {"global+agent": lambda a, g: [a, g], "global": lambda a, g: [g], "agent": lambda a, g: [a]}[self.critic_input]
         dev = fa.device.type
         S = model.stoch
-        # Speed.gather_onehot: the one-hot latents' columns, found once per round
-        ia = onehot_indices(fa[..., :S], model.cfg.n_classes) if sp.gather else None
-        ig = onehot_indices(fg[..., :S], model.cfg.n_classes) if sp.gather and fg is not None else None
+        # Speed.gather_onehot: the one-hot latents' columns (from imagination, else found once per round)
+        ia, ig = traj.idx_a, traj.idx_g
+        if sp.gather and ia is None:
+            ia = onehot_indices(fa[..., :S], model.cfg.n_classes)
+            ig = None if fg is None else onehot_indices(fg[..., :S], model.cfg.n_classes)
         onehot = (lambda a, g: None) if ia is None else (lambda a, g: (S, parts(a, g)))
         with torch.no_grad(), no_autocast(dev):
             Hp1, M = fa.shape[:2]
@@ -439,9 +449,7 @@ class MAPPO(nn.Module):
                 out = mlp_forward(self.actor.net, fa, dt)
             else:  # Speed.gather_onehot: the latent's columns of the first layer as a gather
                 first = self.actor.net[0]
-                wf = first.weight.to(dt)
-                S = self._stoch
-                out = mlp_tail(self.actor.net, split_linear(fa, wf, first.bias.to(dt), idx, onehot_weight(wf[:, :S])), dt)
+                out = mlp_tail(self.actor.net, split_linear(fa, first.weight.to(dt), first.bias.to(dt), idx, self._stoch), dt)
             logp, ent = self.actor.log_prob_entropy_from_params(*self.actor.params_from_out(out, avail), raw)
             pg = ppo_clip_loss(logp, logp_old, adv, cfg.clip)
             return (w * (pg - ent_coef * ent)).mean(), ent.detach().mean()
