@@ -103,3 +103,23 @@ def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys):
     assert res["actor (greedy)"]["imagined_minus_actor"] == 0.0 == res["actor (greedy)"]["replayed_minus_actor"]
     for row in res.values():
         assert np.isfinite([row["real"], row["posterior"], row["imagined"], row["replayed"]]).all()
+
+
+def test_learner_speed_sections_keep_each_cpu_kind_apart(tmp_path):
+    """The speed targets are stated for the AMX machine: figures from an AVX2 CPU (fp32 fallback) or
+    an AVX512-BF16 CPU without AMX go to their own sections and never overwrite the AMX table."""
+    ls = load_script("learner_speed")
+    amx = {"isa": "AVX512", "native_bf16": True, "amx": True}
+    zen4 = {"isa": "AVX512", "native_bf16": True, "amx": False}
+    avx2 = {"isa": "AVX2", "native_bf16": False, "amx": False}
+    assert ls.markers(amx) == (ls.START, ls.END)
+    keys = {ls.markers(m)[0] for m in (amx, zen4, avx2)}
+    assert keys == {ls.START, "<!-- learner_speed_avx512_bf16:start -->", "<!-- learner_speed_avx2:start -->"}
+    assert ls.cpu_kind(amx) == "" and "no AMX" in ls.cpu_kind(zen4) and "without native bf16" in ls.cpu_kind(avx2)
+    out = tmp_path / "B.md"
+    out.write_text(f"# B\n\n{ls.START}\nAMX table\n{ls.END}\n")
+    for m, body in ((zen4, "zen4 table"), (avx2, "avx2 table"), (zen4, "zen4 again")):
+        s, e = ls.markers(m)
+        ls.write_section(out, f"{s}\n{body}\n{e}")
+    text = out.read_text()
+    assert "AMX table" in text and "avx2 table" in text and "zen4 again" in text and "zen4 table" not in text
