@@ -100,6 +100,23 @@ def test_world_model_loss_and_gradients_match_plain_fp32(variant, flags):
     assert _max_rel(g0, g1) < 1e-4
 
 
+@pytest.mark.parametrize("variant", [dict(state_decoder=True), dict(state_decoder=True, single_global=True),
+                                     dict(state_decoder=True, obs_loss="smooth_l1")], ids=["bilevel", "single-global", "smooth-l1"])
+@pytest.mark.parametrize("flags", [dict(fused_heads=True), dict(fused_recurrence=True, fused_heads=True, fused_kl=True, gather_onehot=True)],
+                         ids=["heads", "all+gather"])
+def test_state_decoder_loss_and_gradients_match_plain_fp32(variant, flags):
+    """The optional state decoder (an extension) in the fused heads: same term, same gradients."""
+    model, _ = _model(**variant)
+    b = _batch()
+    l0, m0, g0 = _loss_and_grads(model, b, PLAIN)
+    l1, m1, g1 = _loss_and_grads(model, b, Speed(**flags))
+    assert "state" in m0 and m0.keys() == m1.keys()
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
+    for k in m0:
+        assert torch.allclose(m0[k], m1[k], rtol=1e-5, atol=1e-6), k
+    assert _max_rel(g0, g1) < 1e-4
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=["bilevel", "no-global", "single-global"])
 def test_fused_observe_matches_plain_posteriors_and_carry(variant):
     model, _ = _model(**variant)

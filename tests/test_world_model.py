@@ -9,6 +9,7 @@ import torch
 
 from mabl.config import make_config, replace
 from mabl.envs.base import EnvSpec
+from mabl.errors import ConfigError
 from mabl.nets import sample_onehot
 from mabl.world_model import BiLevelWorldModel, categorical_kl, kl_balanced
 
@@ -123,6 +124,27 @@ def test_ablations_are_flags(variant):
         assert post.h_g.shape[-2] == 1  # one global latent shared by all agents
         fa, fg = m.features(post)
         assert fg.shape[:-1] == fa.shape[:-1]
+
+
+def test_state_decoder_trains_the_global_level_to_carry_the_state():
+    """The optional state decoder: off by default (the paper's model); on, it adds a reconstruction
+    of s_t from each agent's (z^g, h^g) whose gradient reaches the global posterior and the state
+    encoder but no agent-level head; without the global level it is a config error."""
+    assert BiLevelWorldModel(SPEC, tiny().model).state_decoder is None
+    m = BiLevelWorldModel(SPEC, tiny(state_decoder=True).model)
+    b = batch()
+    _, metrics, _ = m.loss(b)
+    assert float(metrics["state"]) > 0
+    post, _, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
+    _, fg = m.features(post)
+    pred = m.state_decoder(fg)
+    assert pred.shape == (*fg.shape[:-1], SPEC.state_dim)
+    m._recon(pred, b["state"].unsqueeze(-2)).backward()
+    assert m.state_encoder[0].weight.grad.abs().sum() > 0
+    assert m.global_post[-1].weight.grad.abs().sum() > 0
+    assert m.obs_decoder[0].weight.grad is None and m.reward_head[0].weight.grad is None
+    with pytest.raises(ConfigError, match="state_decoder"):
+        tiny(state_decoder=True, bilevel=False)
 
 
 def test_categorical_kl_matches_torch_distributions():

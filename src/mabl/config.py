@@ -38,6 +38,10 @@ class WorldModelConfig:
     bilevel: bool = True  # False: the Dreamer-v2 ablation (no global level, agent prior only)
     single_global: bool = False  # True: MABL-SG ablation (one shared global latent for all agents)
     obs_loss: str = "mse"  # "mse" (Gaussian log-likelihood) or "smooth_l1"
+    # Extension, not in the paper (the authors' code has it commented out): a decoder of the global
+    # state s_t from each agent's global features (z^g, h^g), trained with the obs loss, so that the
+    # global level has to carry the state the top-down prior passes to p(ẑ^a | h^a, ẑ^g).
+    state_decoder: bool = False
 
 
 @dataclass
@@ -317,6 +321,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key {sec}.{key} must be in [0, 1], got {val!r}")
     if cfg.ppo.hidden % cfg.ppo.attention_heads:
         raise ConfigError(f"ppo.hidden ({cfg.ppo.hidden}) must be divisible by ppo.attention_heads ({cfg.ppo.attention_heads})")
+    if cfg.model.state_decoder and not cfg.model.bilevel:
+        raise ConfigError("model.state_decoder needs model.bilevel=true (it decodes s_t from the global level)")
     if cfg.model.single_global and not cfg.model.bilevel:
         raise ConfigError("model.single_global needs model.bilevel=true (it ablates the global level)")
     return cfg

@@ -121,6 +121,8 @@ class BiLevelWorldModel(nn.Module):
         # heads
         both = self.feat_a + self.feat_g
         self.obs_decoder = mlp(self.feat_a, H, L, spec.obs_dim)
+        # extension (WorldModelConfig.state_decoder): s_t from the global features (z^g, h^g)
+        self.state_decoder = mlp(self.feat_g, H, L, spec.state_dim) if self.bilevel and cfg.state_decoder else None
         self.reward_head = mlp(self.feat_a, H, L, 1)
         self.cont_head = mlp(both, H, L, 1)
         self.avail_head = mlp(both, H, L, a) if spec.has_action_mask else None
@@ -213,6 +215,12 @@ class BiLevelWorldModel(nn.Module):
             logits["prior_a"] = self._agent_prior(post.h_a)
         return post, logits, LatentState(h_a, z_a, h_g, z_g)
 
+    def _recon(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Reconstruction loss of ``model.obs_loss``, summed over features, averaged over the rest."""
+        if self.cfg.obs_loss == "mse":
+            return gaussian_nll(pred, target).mean()
+        return F.smooth_l1_loss(pred.float(), target.expand(pred.shape), reduction="none").sum(-1).mean()
+
     def _agent_prior(self, h_a: torch.Tensor, zhat_g: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of p(ẑ^a | h^a, ẑ^g) (top-down; without the global level p(ẑ^a | h^a))."""
         if zhat_g is None:
@@ -271,6 +279,8 @@ class BiLevelWorldModel(nn.Module):
             terms["obs"] = gaussian_nll(self.obs_decoder(fa), batch["obs"]).mean()
         else:
             terms["obs"] = F.smooth_l1_loss(self.obs_decoder(fa).float(), batch["obs"], reduction="none").sum(-1).mean()
+        if self.state_decoder is not None:
+            terms["state"] = self._recon(self.state_decoder(fg), batch["state"].unsqueeze(-2))
         terms["kl_a"] = cfg.kl_scale * kl_balanced(logits["post_a"], logits["prior_a"], self.n_cat, cfg.kl_balance).mean()
         if self.bilevel:
             terms["kl_g"] = cfg.kl_scale * kl_balanced(logits["post_g"], logits["prior_g"], self.n_cat, cfg.kl_balance).mean()
@@ -487,6 +497,8 @@ class BiLevelWorldModel(nn.Module):
         fl = FusedLinears(dtype)
         for name, net in (("obs", self.obs_decoder), ("reward", self.reward_head)):
             fl.add(name, net[0].bias, {"fa": net[0].weight})
+        if self.state_decoder is not None:
+            fl.add("state", self.state_decoder[0].bias, {"fg": self.state_decoder[0].weight})
         both = [("cont", self.cont_head), ("avail", self.avail_head)] + ([("action", self.action_decoder)] if action else [])
         for name, net in both:
             if net is None:
@@ -513,6 +525,7 @@ class BiLevelWorldModel(nn.Module):
                 pg = fl.project_onehot("fg", fg, ig, self.stoch) if self.bilevel else None
                 head = lambda name, net, p=None: mlp_tail(net, fl.out(name, pa, pg) if p is None else p, dt)  # noqa: E731
                 obs_pred = head("obs", self.obs_decoder)
+                state_pred = head("state", self.state_decoder) if self.state_decoder is not None else None
                 reward_pred = head("reward", self.reward_head).squeeze(-1)
                 cont_pred = head("cont", self.cont_head).squeeze(-1)
                 avail_pred = head("avail", self.avail_head) if self.avail_head is not None else None
@@ -522,6 +535,7 @@ class BiLevelWorldModel(nn.Module):
                     fa, fg = self.features(post)
                     both = self._both(fa, fg)
                     obs_pred = self.obs_decoder(fa)
+                    state_pred = self.state_decoder(fg) if self.state_decoder is not None else None
                     reward_pred = self.reward_head(fa).squeeze(-1)
                     cont_pred = self.cont_head(both).squeeze(-1)
                     avail_pred = self.avail_head(both) if self.avail_head is not None else None
@@ -530,6 +544,8 @@ class BiLevelWorldModel(nn.Module):
                 terms["obs"] = gaussian_nll(obs_pred, batch["obs"]).mean()
             else:
                 terms["obs"] = F.smooth_l1_loss(obs_pred.float(), batch["obs"], reduction="none").sum(-1).mean()
+            if state_pred is not None:
+                terms["state"] = self._recon(state_pred, batch["state"].unsqueeze(-2))
             kls = {}
             for lvl in ("a", "g") if self.bilevel else ("a",):
                 post_l, prior_l = logits[f"post_{lvl}"], logits[f"prior_{lvl}"]
@@ -554,7 +570,7 @@ class BiLevelWorldModel(nn.Module):
                 ce = gaussian_nll(act_pred, nxt)
             terms["action"] = (ce * valid).sum() / (valid.sum() * self.spec.n_agents).clamp(min=1.0)
             # same order of terms as the plain path
-            order = ["obs", "kl_a", "kl_g", "reward", "cont", "avail", "action"]
+            order = ["obs", "state", "kl_a", "kl_g", "reward", "cont", "avail", "action"]
             terms = {k: terms[k] for k in order if k in terms}
             total = sum(terms.values())
         metrics = {k: v.detach() for k, v in terms.items()}
