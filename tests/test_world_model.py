@@ -135,6 +135,13 @@ def test_state_decoder_trains_the_global_level_to_carry_the_state():
     b = batch()
     _, metrics, _ = m.loss(b)
     assert float(metrics["state"]) > 0
+    m2 = BiLevelWorldModel(SPEC, tiny(state_decoder=True, state_scale=0.25).model)
+    m2.load_state_dict(m.state_dict())
+    torch.manual_seed(0)
+    _, m_a, _ = m.loss(b)
+    torch.manual_seed(0)
+    _, m_b, _ = m2.loss(b)
+    assert torch.allclose(m_b["state"], 0.25 * m_a["state"], rtol=1e-5)
     post, _, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
     _, fg = m.features(post)
     pred = m.state_decoder(fg)

@@ -42,6 +42,7 @@ class WorldModelConfig:
     # state s_t from each agent's global features (z^g, h^g), trained with the obs loss, so that the
     # global level has to carry the state the top-down prior passes to p(ẑ^a | h^a, ẑ^g).
     state_decoder: bool = False
+    state_scale: float = 1.0  # weight of the state decoder's loss term
 
 
 @dataclass
@@ -268,7 +269,7 @@ _POSITIVE_FLOAT = {
     "model": ("lr", "grad_clip"),
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip"),
 }
-_NON_NEGATIVE = {"model": ("kl_scale",), "ppo": ("entropy",), "run": ("min_buffer", "threads", "train_every_steps")}
+_NON_NEGATIVE = {"model": ("kl_scale", "state_scale"), "ppo": ("entropy",), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
 _AT_MOST = {
     ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,

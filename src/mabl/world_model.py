@@ -280,7 +280,7 @@ class BiLevelWorldModel(nn.Module):
         else:
             terms["obs"] = F.smooth_l1_loss(self.obs_decoder(fa).float(), batch["obs"], reduction="none").sum(-1).mean()
         if self.state_decoder is not None:
-            terms["state"] = self._recon(self.state_decoder(fg), batch["state"].unsqueeze(-2))
+            terms["state"] = cfg.state_scale * self._recon(self.state_decoder(fg), batch["state"].unsqueeze(-2))
         terms["kl_a"] = cfg.kl_scale * kl_balanced(logits["post_a"], logits["prior_a"], self.n_cat, cfg.kl_balance).mean()
         if self.bilevel:
             terms["kl_g"] = cfg.kl_scale * kl_balanced(logits["post_g"], logits["prior_g"], self.n_cat, cfg.kl_balance).mean()
@@ -545,7 +545,7 @@ class BiLevelWorldModel(nn.Module):
             else:
                 terms["obs"] = F.smooth_l1_loss(obs_pred.float(), batch["obs"], reduction="none").sum(-1).mean()
             if state_pred is not None:
-                terms["state"] = self._recon(state_pred, batch["state"].unsqueeze(-2))
+                terms["state"] = cfg.state_scale * self._recon(state_pred, batch["state"].unsqueeze(-2))
             kls = {}
             for lvl in ("a", "g") if self.bilevel else ("a",):
                 post_l, prior_l = logits[f"post_{lvl}"], logits[f"prior_{lvl}"]
