@@ -130,8 +130,13 @@ def test_state_decoder_trains_the_global_level_to_carry_the_state():
     """The optional state decoder: off by default (the paper's model); on, it adds a reconstruction
     of s_t from each agent's (z^g, h^g) whose gradient reaches the global posterior and the state
     encoder but no agent-level head; without the global level it is a config error."""
-    assert BiLevelWorldModel(SPEC, tiny().model).state_decoder is None
+    torch.manual_seed(3)
+    plain = BiLevelWorldModel(SPEC, tiny().model)
+    assert plain.state_decoder is None
+    torch.manual_seed(3)
     m = BiLevelWorldModel(SPEC, tiny(state_decoder=True).model)
+    shared = plain.state_dict()  # the flag adds a module without changing the others' initial weights
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in shared.items())
     b = batch()
     _, metrics, _ = m.loss(b)
     assert float(metrics["state"]) > 0

@@ -121,12 +121,13 @@ class BiLevelWorldModel(nn.Module):
         # heads
         both = self.feat_a + self.feat_g
         self.obs_decoder = mlp(self.feat_a, H, L, spec.obs_dim)
-        # extension (WorldModelConfig.state_decoder): s_t from the global features (z^g, h^g)
-        self.state_decoder = mlp(self.feat_g, H, L, spec.state_dim) if self.bilevel and cfg.state_decoder else None
         self.reward_head = mlp(self.feat_a, H, L, 1)
         self.cont_head = mlp(both, H, L, 1)
         self.avail_head = mlp(both, H, L, a) if spec.has_action_mask else None
         self.action_decoder = mlp(both, H, L, a)
+        # extension (WorldModelConfig.state_decoder): s_t from the global features (z^g, h^g); built
+        # last, so every other module starts from the same initial weights with the flag on or off
+        self.state_decoder = mlp(self.feat_g, H, L, spec.state_dim) if self.bilevel and cfg.state_decoder else None
 
     # -- carries ---------------------------------------------------------------------------
     @property
