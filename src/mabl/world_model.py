@@ -217,7 +217,8 @@ class BiLevelWorldModel(nn.Module):
         return post, logits, LatentState(h_a, z_a, h_g, z_g)
 
     def _recon(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Reconstruction loss of ``model.obs_loss``, summed over features, averaged over the rest."""
+        """Reconstruction loss of ``model.obs_loss`` (observations, and the optional state), summed over
+        features, averaged over the rest."""
         if self.cfg.obs_loss == "mse":
             return gaussian_nll(pred, target).mean()
         return F.smooth_l1_loss(pred.float(), target.expand(pred.shape), reduction="none").sum(-1).mean()
@@ -276,10 +277,7 @@ class BiLevelWorldModel(nn.Module):
         fa, fg = self.features(post)
         both = self._both(fa, fg)
         terms: dict[str, torch.Tensor] = {}
-        if cfg.obs_loss == "mse":
-            terms["obs"] = gaussian_nll(self.obs_decoder(fa), batch["obs"]).mean()
-        else:
-            terms["obs"] = F.smooth_l1_loss(self.obs_decoder(fa).float(), batch["obs"], reduction="none").sum(-1).mean()
+        terms["obs"] = self._recon(self.obs_decoder(fa), batch["obs"])
         if self.state_decoder is not None:
             terms["state"] = cfg.state_scale * self._recon(self.state_decoder(fg), batch["state"].unsqueeze(-2))
         terms["kl_a"] = cfg.kl_scale * kl_balanced(logits["post_a"], logits["prior_a"], self.n_cat, cfg.kl_balance).mean()
@@ -541,10 +539,7 @@ class BiLevelWorldModel(nn.Module):
                     cont_pred = self.cont_head(both).squeeze(-1)
                     avail_pred = self.avail_head(both) if self.avail_head is not None else None
                     act_pred = self.action_decoder(both[:-1])
-            if cfg.obs_loss == "mse":
-                terms["obs"] = gaussian_nll(obs_pred, batch["obs"]).mean()
-            else:
-                terms["obs"] = F.smooth_l1_loss(obs_pred.float(), batch["obs"], reduction="none").sum(-1).mean()
+            terms["obs"] = self._recon(obs_pred, batch["obs"])
             if state_pred is not None:
                 terms["state"] = cfg.state_scale * self._recon(state_pred, batch["state"].unsqueeze(-2))
             kls = {}
