@@ -174,5 +174,43 @@ def test_reward_scale_option():
         np.testing.assert_allclose(b.reward, smax.DEFAULT_REWARD_SCALE * a.reward, rtol=1e-6)
     with pytest.raises(ConfigError, match="reward_scale"):
         make_env("smax:3m", reward_scale=-1)
-    with pytest.raises(ConfigError, match="accepted: episode_limit, reward_scale"):
+    with pytest.raises(ConfigError, match="accepted: episode_limit, reward_scale, normalize_state"):
         make_env("smax:3m", reward_sclae=2)
+
+
+@pytest.mark.parametrize("task", ["3m", "3s_vs_4z"])
+def test_state_normalized(task):
+    """The global state is SMAX's world_state scaled per feature: positions by the map size,
+    cooldowns clipped at 0 and divided by the unit type's weapon cooldown, type ids by the largest
+    id; nothing else moves."""
+    raw_env = make_env(f"smax:{task}", seed=0, normalize_state=False)
+    env = make_env(f"smax:{task}", seed=0)
+    jenv = smax._compiled(task)[0]
+    n_units, per_unit = jenv.num_allies + jenv.num_enemies, len(jenv.own_features)
+    rng1, rng2 = np.random.default_rng(1), np.random.default_rng(1)
+    raw, ts = raw_env.reset(seed=5), env.reset(seed=5)
+    seen = []
+    while True:
+        units_raw = raw.state[: n_units * per_unit].reshape(n_units, per_unit)
+        units = ts.state[: n_units * per_unit].reshape(n_units, per_unit)
+        assert raw.state.max() > 5  # SMAX's own state is in map units
+        np.testing.assert_allclose(units[:, 1], units_raw[:, 1] / jenv.map_width, rtol=1e-6)
+        np.testing.assert_allclose(units[:, 2], units_raw[:, 2] / jenv.map_height, rtol=1e-6)
+        cd = np.asarray(jenv.unit_type_weapon_cooldowns)[np.asarray(jenv.scenario)]
+        np.testing.assert_allclose(units[:, 3], np.maximum(units_raw[:, 3], 0) / cd, rtol=1e-6)
+        keep = np.ones(per_unit, bool)
+        keep[1:4] = False
+        np.testing.assert_array_equal(units[:, keep], units_raw[:, keep])  # health, type one-hot
+        tail, tail_raw = ts.state[n_units * per_unit:], raw.state[n_units * per_unit:]
+        np.testing.assert_array_equal(tail[:n_units], tail_raw[:n_units])  # teams
+        np.testing.assert_allclose(tail[n_units:], tail_raw[n_units:] / (jenv.unit_type_bits - 1), rtol=1e-6)
+        np.testing.assert_array_equal(ts.obs, raw.obs)
+        seen.append(ts.state)
+        if raw.done:
+            break
+        raw = raw_env.step(random_actions(raw_env.spec, raw.avail, rng1))
+        ts = env.step(random_actions(env.spec, ts.avail, rng2))
+    seen = np.stack(seen)
+    assert seen.min() >= 0 and seen.max() < 1.5  # about [0, 1] (SMAX jitters cooldowns)
+    with pytest.raises(ConfigError, match="normalize_state"):
+        make_env(f"smax:{task}", normalize_state=1)

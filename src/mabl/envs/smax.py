@@ -5,8 +5,12 @@ The learning agents are SMAX's allies; the enemies are driven by JaxMARL's built
 
 * ``obs``   float32 ``[n_agents, obs_dim]``: SMAX ``unit_list`` observations,
 * ``state`` float32 ``[state_dim]``: SMAX ``world_state`` (per unit: health fraction, x, y,
-  weapon cooldown, unit-type one-hot; then every unit's team and type id). Unlike ``obs`` it is
-  not normalised: positions are in map units (0..32);
+  weapon cooldown, unit-type one-hot; then every unit's team and type id). SMAX leaves it
+  unnormalised (positions in map units 0..32, cooldowns in seconds, type ids 0..7); the adapter
+  scales it like ``obs`` to about [0, 1]: positions by the map's width and height, each unit's
+  cooldown by its unit type's weapon cooldown after clipping at 0 (SMAX lets an idle unit's
+  cooldown run far below 0; any value <= 0 means "ready"), type ids by the largest id (option
+  ``normalize_state=False`` keeps SMAX's raw numbers);
 * ``avail`` bool ``[n_agents, 5 + n_enemies]``: actions 0-3 move, 4 stop, ``5 + i`` attack enemy
   ``i`` (in range and alive). A dead ally may only stop;
 * ``reward`` float32 ``[n_agents]``: SMAX's shared team reward for the last transition (enemy
@@ -117,7 +121,7 @@ UNBUILDABLE: dict[str, str] = {
     "corridor": "SMAX has no terrain, so there is no corridor; use 6z_vs_24zg (same units, no terrain)",
 }
 
-OPTIONS = ("episode_limit", "reward_scale")
+OPTIONS = ("episode_limit", "reward_scale", "normalize_state")
 
 # SMAC normalises its reward so that a won episode is worth at most ~20 (reward_scale_rate=20);
 # SMAX's native reward tops out at ~2 (damage fraction + 1 for the win). The paper's
@@ -280,11 +284,33 @@ def _compiled(task: str):
     return env, reset_j, step_j, carry_size, sizes[0]
 
 
+def _state_scale(env) -> np.ndarray:
+    """Per-feature factors that bring SMAX's ``world_state`` to about [0, 1] (module docstring; the
+    cooldowns, clipped at 0 by the caller, carry SMAX's random jitter, so they can end slightly above 1).
+
+    Layout (``jaxmarl`` ``get_world_state``): per unit ``[health fraction, x, y, cooldown,
+    type one-hot]``, then every unit's team, then every unit's type id. Unit types are fixed per
+    scenario, so each unit's cooldown factor is known up front.
+    """
+    n_units = int(env.num_allies) + int(env.num_enemies)
+    per_unit = len(env.own_features)
+    types = np.asarray(env.scenario)  # JaxMARL keeps the scenario's unit types (allies, then enemies) here
+    cooldowns = np.asarray(env.unit_type_weapon_cooldowns, dtype=np.float64)[types]
+    units = np.ones((n_units, per_unit))
+    units[:, 1] = 1.0 / float(env.map_width)
+    units[:, 2] = 1.0 / float(env.map_height)
+    units[:, 3] = 1.0 / cooldowns
+    type_ids = np.full(n_units, 1.0 / max(int(env.unit_type_bits) - 1, 1))
+    scale = np.concatenate([units.reshape(-1), np.ones(n_units), type_ids]).astype(np.float32)
+    assert scale.shape == (int(env.state_size),), (scale.shape, env.state_size)
+    return scale
+
+
 class SMAXEnv:
     """One SMAX map with heuristic enemies; see the module docstring for the conventions."""
 
     def __init__(self, task: str, seed: int = 0, episode_limit: int | None = None,
-                 reward_scale: float = DEFAULT_REWARD_SCALE):
+                 reward_scale: float = DEFAULT_REWARD_SCALE, normalize_state: bool = True):
         if task not in EPISODE_LIMITS:
             if task in UNBUILDABLE:
                 raise ConfigError(
@@ -298,6 +324,8 @@ class SMAXEnv:
         if isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float)) or not reward_scale > 0:
             raise ConfigError(f"smax option reward_scale must be a positive number, got {reward_scale!r}")
         self._reward_scale = float(reward_scale)
+        if not isinstance(normalize_state, bool):
+            raise ConfigError(f"smax option normalize_state must be a bool (true/false), got {normalize_state!r}")
         self._jax = _import_jaxmarl()[0]
         env, self._reset_fn, self._step_fn, carry, self._key_size = _compiled(task)
         self._limit = np.int32(limit)
@@ -322,6 +350,9 @@ class SMAXEnv:
         a = s + n * n_act
         self._carry = carry
         self._cuts = (o, s, a)
+        self._state_scale = _state_scale(env) if normalize_state else None
+        per_unit = len(env.own_features)
+        self._cooldown_cols = np.arange(int(env.num_allies) + int(env.num_enemies)) * per_unit + 3
         self._key = self._seed_key(seed)  # used by the first reset() without a seed
         self._buf: Any = None  # device vector: key and battle state of the running episode
         self._done = True
@@ -342,13 +373,18 @@ class SMAXEnv:
         self._done = done
         return TimeStep(
             obs=f[:o].reshape(spec.n_agents, spec.obs_dim),
-            state=f[o:s],
+            state=f[o:s] if self._state_scale is None else self._normalize(f[o:s]),
             avail=flat[s:a].reshape(spec.n_agents, spec.action_dim).astype(bool),
             reward=np.full(spec.n_agents, f[a] * self._reward_scale, dtype=np.float32),
             terminated=terminated,
             truncated=truncated,
             info={"won": won} if done else {},
         )
+
+    def _normalize(self, state: np.ndarray) -> np.ndarray:
+        out = state * self._state_scale
+        out[self._cooldown_cols] = np.maximum(out[self._cooldown_cols], 0.0)
+        return out
 
     def reset(self, seed: int | None = None) -> TimeStep:
         if seed is not None:
@@ -378,8 +414,9 @@ class SMAXEnv:
 
 
 def make(task: str, seed: int = 0, **options) -> SMAXEnv:
-    """Build the SMAX adapter for ``task``; options ``episode_limit`` (positive int) and
-    ``reward_scale`` (positive float, default 10: SMAC's reward scale; 1: SMAX's native reward)."""
+    """Build the SMAX adapter for ``task``; options ``episode_limit`` (positive int),
+    ``reward_scale`` (positive float, default 10: SMAC's reward scale; 1: SMAX's native reward)
+    and ``normalize_state`` (bool, default true: the global state scaled to about [0, 1])."""
     for name in options:
         if name not in OPTIONS:
             raise ConfigError(f"unknown smax option {name!r}; accepted: {', '.join(OPTIONS)}")
