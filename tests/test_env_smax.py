@@ -180,11 +180,11 @@ def test_reward_scale_option():
 
 @pytest.mark.parametrize("task", ["3m", "3s_vs_4z"])
 def test_state_normalized(task):
-    """The global state is SMAX's world_state scaled per feature: positions by the map size,
+    """With ``normalize_state`` the global state is SMAX's world_state scaled per feature: positions by the map size,
     cooldowns clipped at 0 and divided by the unit type's weapon cooldown, type ids by the largest
     id; nothing else moves."""
-    raw_env = make_env(f"smax:{task}", seed=0, normalize_state=False)
-    env = make_env(f"smax:{task}", seed=0)
+    raw_env = make_env(f"smax:{task}", seed=0)  # the default: SMAX's own numbers
+    env = make_env(f"smax:{task}", seed=0, normalize_state=True)
     jenv = smax._compiled(task)[0]
     n_units, per_unit = jenv.num_allies + jenv.num_enemies, len(jenv.own_features)
     rng1, rng2 = np.random.default_rng(1), np.random.default_rng(1)

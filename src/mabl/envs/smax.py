@@ -6,11 +6,13 @@ The learning agents are SMAX's allies; the enemies are driven by JaxMARL's built
 * ``obs``   float32 ``[n_agents, obs_dim]``: SMAX ``unit_list`` observations,
 * ``state`` float32 ``[state_dim]``: SMAX ``world_state`` (per unit: health fraction, x, y,
   weapon cooldown, unit-type one-hot; then every unit's team and type id). SMAX leaves it
-  unnormalised (positions in map units 0..32, cooldowns in seconds, type ids 0..7); the adapter
+  unnormalised (positions in map units 0..32, cooldowns in seconds, type ids 0..7), and so does
+  the adapter by default (every recorded benchmark used it so). Option ``normalize_state=True``
   scales it like ``obs`` to about [0, 1]: positions by the map's width and height, each unit's
   cooldown by its unit type's weapon cooldown after clipping at 0 (SMAX lets an idle unit's
-  cooldown run far below 0; any value <= 0 means "ready"), type ids by the largest id (option
-  ``normalize_state=False`` keeps SMAX's raw numbers);
+  cooldown run far below 0; any value <= 0 means "ready"), type ids by the largest id. On SMAX
+  3m (one seed, BENCHMARKS.md section ``curve:smax:3m:fast:s0:nstate``) it learned faster early
+  and ended far worse, so it is off by default;
 * ``avail`` bool ``[n_agents, 5 + n_enemies]``: actions 0-3 move, 4 stop, ``5 + i`` attack enemy
   ``i`` (in range and alive). A dead ally may only stop;
 * ``reward`` float32 ``[n_agents]``: SMAX's shared team reward for the last transition (enemy
@@ -310,7 +312,7 @@ class SMAXEnv:
     """One SMAX map with heuristic enemies; see the module docstring for the conventions."""
 
     def __init__(self, task: str, seed: int = 0, episode_limit: int | None = None,
-                 reward_scale: float = DEFAULT_REWARD_SCALE, normalize_state: bool = True):
+                 reward_scale: float = DEFAULT_REWARD_SCALE, normalize_state: bool = False):
         if task not in EPISODE_LIMITS:
             if task in UNBUILDABLE:
                 raise ConfigError(
@@ -416,7 +418,7 @@ class SMAXEnv:
 def make(task: str, seed: int = 0, **options) -> SMAXEnv:
     """Build the SMAX adapter for ``task``; options ``episode_limit`` (positive int),
     ``reward_scale`` (positive float, default 10: SMAC's reward scale; 1: SMAX's native reward)
-    and ``normalize_state`` (bool, default true: the global state scaled to about [0, 1])."""
+    and ``normalize_state`` (bool, default false; true: the global state scaled to about [0, 1])."""
     for name in options:
         if name not in OPTIONS:
             raise ConfigError(f"unknown smax option {name!r}; accepted: {', '.join(OPTIONS)}")
