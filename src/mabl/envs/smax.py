@@ -6,7 +6,7 @@ The learning agents are SMAX's allies; the enemies are driven by JaxMARL's built
 * ``obs``   float32 ``[n_agents, obs_dim]``: SMAX ``unit_list`` observations,
 * ``state`` float32 ``[state_dim]``: SMAX ``world_state`` (per unit: health fraction, x, y,
   weapon cooldown, unit-type one-hot; then every unit's team and type id). SMAX leaves it
-  unnormalised (positions in map units 0..32, cooldowns in seconds, type ids 0..7), and so does
+  unnormalised (positions in map units 0..32, cooldowns in seconds, type ids 0..5), and so does
   the adapter by default (every recorded benchmark used it so). Option ``normalize_state=True``
   scales it like ``obs`` to about [0, 1]: positions by the map's width and height, each unit's
   cooldown by its unit type's weapon cooldown after clipping at 0 (SMAX lets an idle unit's
