@@ -286,9 +286,10 @@ def _compiled(task: str):
     return env, reset_j, step_j, carry_size, sizes[0]
 
 
-def _state_scale(env) -> np.ndarray:
+def _state_scale(env) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature factors that bring SMAX's ``world_state`` to about [0, 1] (module docstring; the
-    cooldowns, clipped at 0 by the caller, carry SMAX's random jitter, so they can end slightly above 1).
+    cooldowns, clipped at 0 by the caller, carry SMAX's random jitter, so they can end slightly above 1),
+    and the indices of the cooldown features.
 
     Layout (``jaxmarl`` ``get_world_state``): per unit ``[health fraction, x, y, cooldown,
     type one-hot]``, then every unit's team, then every unit's type id. Unit types are fixed per
@@ -305,7 +306,7 @@ def _state_scale(env) -> np.ndarray:
     type_ids = np.full(n_units, 1.0 / max(int(env.unit_type_bits) - 1, 1))
     scale = np.concatenate([units.reshape(-1), np.ones(n_units), type_ids]).astype(np.float32)
     assert scale.shape == (int(env.state_size),), (scale.shape, env.state_size)
-    return scale
+    return scale, np.arange(n_units) * per_unit + 3
 
 
 class SMAXEnv:
@@ -352,9 +353,7 @@ class SMAXEnv:
         a = s + n * n_act
         self._carry = carry
         self._cuts = (o, s, a)
-        self._state_scale = _state_scale(env) if normalize_state else None
-        per_unit = len(env.own_features)
-        self._cooldown_cols = np.arange(int(env.num_allies) + int(env.num_enemies)) * per_unit + 3
+        self._state_scale, self._cooldown_cols = _state_scale(env) if normalize_state else (None, None)
         self._key = self._seed_key(seed)  # used by the first reset() without a seed
         self._buf: Any = None  # device vector: key and battle state of the running episode
         self._done = True
