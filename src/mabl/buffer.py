@@ -49,13 +49,23 @@ class ReplayBuffer:
         self.size = int(min(self.size + T, self.capacity))
         self.episodes += 1
 
-    def sample(self, batch: int, length: int, rng: np.random.Generator, device="cpu") -> dict[str, torch.Tensor]:
-        """``batch`` sequences of ``length`` consecutive steps, time-major ``[T, B, ...]`` tensors."""
+    def sample(self, batch: int, length: int, rng: np.random.Generator, device="cpu", recent: float = 0.0,
+               window: int = 0) -> dict[str, torch.Tensor]:
+        """``batch`` sequences of ``length`` consecutive steps, time-major ``[T, B, ...]`` tensors.
+
+        Starts are uniform over the stored steps; with ``recent > 0`` a fraction ``recent`` of the
+        sequences (rounded) starts uniformly within the newest ``window`` steps instead (a uniform +
+        recency mixture, as DreamerV3's replay ``fracs``), so fresh data from the current policy
+        is not drowned by the early episodes that a uniform draw over a large buffer favours."""
         length = min(length, self.size)
-        if self.size < self.capacity:
-            starts = rng.integers(0, self.size - length + 1, size=batch)
-        else:  # never straddle the write pointer (oldest <-> newest)
-            starts = (self.ptr + rng.integers(0, self.capacity - length + 1, size=batch)) % self.capacity
+        # logical positions: 0 = oldest stored step; a sequence never straddles the write pointer
+        hi = self.size - length + 1
+        n_recent = int(round(batch * recent)) if recent > 0 else 0
+        lo_recent = max(0, self.size - max(int(window), length))
+        logical = np.concatenate([rng.integers(0, hi, size=batch - n_recent),
+                                  rng.integers(lo_recent, hi, size=n_recent)])
+        oldest = 0 if self.size < self.capacity else self.ptr
+        starts = (oldest + logical) % self.capacity
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # [T, B]
         out = {k: torch.from_numpy(self.data[k][idx]) for k in FIELDS}
         out["is_first"][0] = True  # a sequence starts with an empty carry

@@ -35,6 +35,11 @@ class WorldModelConfig:
     seq_len: int = 20  # Table 2 'Sequence length'
     train_steps: int = 60  # Table 2 'Number of epochs': model updates after every episode
     capacity: int = 250_000  # Table 2 'Buffer Size' (env steps)
+    # Extension, not in the paper (uniform sampling, 0): the fraction of every sampled batch (world-model
+    # sequences and imagination starts) drawn from the newest ``recent_window`` env steps instead of
+    # uniformly from the whole buffer
+    recent_fraction: float = 0.0
+    recent_window: int = 5_000
     bilevel: bool = True  # False: the Dreamer-v2 ablation (no global level, agent prior only)
     single_global: bool = False  # True: MABL-SG ablation (one shared global latent for all agents)
     obs_loss: str = "mse"  # "mse" (Gaussian log-likelihood) or "smooth_l1"
@@ -261,7 +266,8 @@ _CHOICES = {
     ("ppo", "critic_input"): ("global+agent", "global", "agent"),
 }
 _POSITIVE = {
-    "model": ("hidden", "layers", "deter", "embed", "n_categoricals", "n_classes", "batch_size", "seq_len", "capacity"),
+    "model": ("hidden", "layers", "deter", "embed", "n_categoricals", "n_classes", "batch_size", "seq_len", "capacity",
+              "recent_window"),
     "ppo": ("hidden", "layers", "horizon", "updates", "epochs", "minibatch", "imagine_batch", "imagine_seq_len", "attention_heads"),
     "run": ("steps", "eval_every", "eval_episodes", "checkpoint_every", "keep_checkpoints", "log_every", "train_every"),
 }
@@ -316,7 +322,7 @@ def validate(cfg: Config) -> Config:
         json.dumps(cfg.run.env_options)
     except (TypeError, ValueError):
         raise ConfigError(f"config key run.env_options must be a JSON object, got {cfg.run.env_options!r}") from None
-    for sec, key in (("model", "kl_balance"), ("ppo", "gamma"), ("ppo", "gae_lambda"), ("run", "explore")):
+    for sec, key in (("model", "kl_balance"), ("model", "recent_fraction"), ("ppo", "gamma"), ("ppo", "gae_lambda"), ("run", "explore")):
         val = getattr(getattr(cfg, sec), key)
         if not 0.0 <= val <= 1.0:
             raise ConfigError(f"config key {sec}.{key} must be in [0, 1], got {val!r}")

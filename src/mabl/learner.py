@@ -128,7 +128,7 @@ class MABLLearner:
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
         for _ in range(mc.train_steps):
-            batch = buffer.sample(mc.batch_size, mc.seq_len, rng, self.device)
+            batch = buffer.sample(mc.batch_size, mc.seq_len, rng, self.device, mc.recent_fraction, mc.recent_window)
             m = self.train_model_step(batch)
         metrics.update(m)
         t1 = time.perf_counter()
@@ -139,7 +139,8 @@ class MABLLearner:
             t_imag = 0.0
             for _ in range(pc.updates):
                 ts = time.perf_counter()
-                batch = buffer.sample(pc.imagine_batch, pc.imagine_seq_len, rng, self.device)
+                batch = buffer.sample(pc.imagine_batch, pc.imagine_seq_len, rng, self.device, mc.recent_fraction,
+                                      mc.recent_window)
                 starts = self.starts(batch)
                 t_imag += time.perf_counter() - ts
                 a = self.algo.train_round(self.model, starts, self.autocast, self.guard)
