@@ -392,7 +392,8 @@ except ImportError:  # pragma: no cover
 
 if given is not None:
     _KEYS = {
-        "model": ["hidden", "layers", "lr", "capacity", "kl_balance", "obs_loss", "bilevel", "junk"],
+        "model": ["hidden", "layers", "lr", "capacity", "kl_balance", "obs_loss", "reward_loss", "recent_fraction",
+                  "recent_window", "bilevel", "junk"],
         "ppo": ["epochs", "gamma", "clip", "critic_input", "attention_heads", "hidden", "entropy_annealing"],
         "run": ["env", "steps", "seed", "device", "threads", "env_options", "skip_nonfinite", "eval_episodes"],
     }

@@ -101,7 +101,7 @@ def test_world_model_loss_and_gradients_match_plain_fp32(variant, flags):
 
 
 @pytest.mark.parametrize("variant", [dict(state_decoder=True), dict(state_decoder=True, single_global=True),
-                                     dict(state_decoder=True, obs_loss="smooth_l1", state_scale=0.05)], ids=["bilevel", "single-global", "smooth-l1-scaled"])
+                                     dict(state_decoder=True, obs_loss="smooth_l1", reward_loss="smooth_l1", state_scale=0.05)], ids=["bilevel", "single-global", "smooth-l1-scaled"])
 @pytest.mark.parametrize("flags", [dict(fused_heads=True), dict(fused_recurrence=True, fused_heads=True, fused_kl=True, gather_onehot=True)],
                          ids=["heads", "all+gather"])
 def test_state_decoder_loss_and_gradients_match_plain_fp32(variant, flags):

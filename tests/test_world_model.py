@@ -201,3 +201,22 @@ def test_kl_scale_counts_categoricals():
     cfg = make_config("paper", "smax:3m").model
     assert math.isclose(cfg.kl_scale, 1 / 32) and cfg.n_categoricals == 32 and cfg.n_classes == 32
     assert np.isclose(cfg.kl_balance, 0.8)
+
+
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1"])
+def test_reward_loss_by_hand(kind):
+    """``model.reward_loss``: Gaussian NLL (default) or Huber with delta 1 (the authors' code), in the total."""
+    cfg = tiny(reward_loss=kind)
+    torch.manual_seed(0)
+    model = BiLevelWorldModel(SPEC, cfg.model)
+    b = batch()
+    b["reward"] = b["reward"] * 5  # errors on both sides of the Huber kink
+    _, m, post = model.loss(b)
+    with torch.no_grad():
+        d = model.heads(post)["reward"] - b["reward"]
+    if kind == "mse":
+        expect = (0.5 * d ** 2).mean()
+    else:
+        expect = torch.where(d.abs() < 1, 0.5 * d ** 2, d.abs() - 0.5).mean()
+        assert (d.abs() > 1).any() and (d.abs() < 1).any()
+    assert torch.allclose(m["reward"], expect, rtol=1e-5, atol=1e-6)

@@ -43,6 +43,7 @@ class WorldModelConfig:
     bilevel: bool = True  # False: the Dreamer-v2 ablation (no global level, agent prior only)
     single_global: bool = False  # True: MABL-SG ablation (one shared global latent for all agents)
     obs_loss: str = "mse"  # "mse" (Gaussian log-likelihood) or "smooth_l1"
+    reward_loss: str = "mse"  # "mse" (Gaussian log-likelihood) or "smooth_l1" (Huber, delta 1: the authors' code)
     # Extension, not in the paper (the authors' code has it commented out): a decoder of the global
     # state s_t from each agent's global features (z^g, h^g), trained with the obs loss, so that the
     # global level has to carry the state the top-down prior passes to p(ẑ^a | h^a, ẑ^g).
@@ -263,6 +264,7 @@ def _build_section(section: str, cls, values: dict[str, Any]):
 
 _CHOICES = {
     ("model", "obs_loss"): ("mse", "smooth_l1"),
+    ("model", "reward_loss"): ("mse", "smooth_l1"),
     ("ppo", "critic_input"): ("global+agent", "global", "agent"),
 }
 _POSITIVE = {

@@ -223,6 +223,13 @@ class BiLevelWorldModel(nn.Module):
             return gaussian_nll(pred, target).mean()
         return F.smooth_l1_loss(pred.float(), target.expand(pred.shape), reduction="none").sum(-1).mean()
 
+    def _reward_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Reward head loss of ``model.reward_loss``: "mse" = -log N(r; r̂, 1) up to a constant,
+        "smooth_l1" = Huber with delta 1 (the authors' code), both averaged over time, batch, agents."""
+        if self.cfg.reward_loss == "mse":
+            return (0.5 * (pred.float() - target).pow(2)).mean()
+        return F.smooth_l1_loss(pred.float(), target)
+
     def _agent_prior(self, h_a: torch.Tensor, zhat_g: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of p(ẑ^a | h^a, ẑ^g) (top-down; without the global level p(ẑ^a | h^a))."""
         if zhat_g is None:
@@ -283,7 +290,7 @@ class BiLevelWorldModel(nn.Module):
         terms["kl_a"] = cfg.kl_scale * kl_balanced(logits["post_a"], logits["prior_a"], self.n_cat, cfg.kl_balance).mean()
         if self.bilevel:
             terms["kl_g"] = cfg.kl_scale * kl_balanced(logits["post_g"], logits["prior_g"], self.n_cat, cfg.kl_balance).mean()
-        terms["reward"] = (0.5 * (self.reward_head(fa).squeeze(-1).float() - batch["reward"]).pow(2)).mean()
+        terms["reward"] = self._reward_loss(self.reward_head(fa).squeeze(-1), batch["reward"])
         cont_target = batch["cont"].unsqueeze(-1).expand(*batch["cont"].shape, self.spec.n_agents)
         terms["cont"] = F.binary_cross_entropy_with_logits(self.cont_head(both).squeeze(-1).float(), cont_target).mean()
         if self.avail_head is not None:
@@ -553,7 +560,7 @@ class BiLevelWorldModel(nn.Module):
                     with torch.no_grad():
                         kls[lvl] = categorical_kl(post_l, prior_l, self.n_cat).mean()
                 terms[f"kl_{lvl}"] = cfg.kl_scale * kl.mean()
-            terms["reward"] = (0.5 * (reward_pred.float() - batch["reward"]).pow(2)).mean()
+            terms["reward"] = self._reward_loss(reward_pred, batch["reward"])
             cont_target = batch["cont"].unsqueeze(-1).expand(*batch["cont"].shape, self.spec.n_agents)
             terms["cont"] = F.binary_cross_entropy_with_logits(cont_pred.float(), cont_target).mean()
             if avail_pred is not None:
