@@ -179,3 +179,47 @@ def test_exploration_noise_only_takes_available_actions_and_is_recorded():
 
     with pytest.raises(ConfigError, match="run.explore"):
         make_config("tiny", "smax:3m", {"run": {"explore": 1.5}})
+
+
+def test_best_checkpoint_follows_the_best_evaluation(tmp_path, monkeypatch, capsys):
+    """``run.keep_best``: best.pt holds the learner of the best evaluation (ties keep the earlier one),
+    `mabl eval` reads it, and it is not a checkpoint a resume would pick."""
+    import torch
+
+    import mabl.train as T
+    from mabl.checkpoint import load_checkpoint
+
+    scores = [0.2, 0.5, 0.5, 0.3]
+    real = T.evaluate
+    steps_at = []
+
+    def scripted(*a, **k):
+        res = real(*a, **k)
+        res["win_rate"] = scores.pop(0) if scores else 0.0
+        return res
+
+    monkeypatch.setattr(T, "evaluate", scripted)
+    orig_save = T.save_best
+
+    def spy(state, run_dir):
+        steps_at.append(state["counters"]["env_steps"])
+        return orig_save(state, run_dir)
+
+    monkeypatch.setattr(T, "save_best", spy)
+    cfg = tiny_cfg(tmp_path, steps=160, eval_every=40, checkpoint_every=10**9)
+    train(cfg)
+    run = tmp_path / "run"
+    assert not scores and len(steps_at) == 2  # after 0.2 (better than nothing) and 0.5; not after the second 0.5 or 0.3
+    best = load_checkpoint(run / "best.pt")
+    assert best["counters"]["env_steps"] == steps_at[-1] and best["counters"]["best_eval"] == 0.5
+    assert json.loads(best["last_eval"])["win_rate"] == 0.5
+    last = load_checkpoint(run / "checkpoints")
+    assert last["counters"]["env_steps"] > steps_at[-1]
+    diff = [k for k, v in best["learner"]["model"].items() if not torch.equal(v, last["learner"]["model"][k])]
+    assert diff  # the learner kept at the best evaluation, not the final one
+    capsys.readouterr()
+    assert main(["eval", str(run / "best.pt"), "--episodes", "1"]) == 0
+    assert "best.pt" in capsys.readouterr().out
+    # off: no file
+    train(tiny_cfg(tmp_path / "off", steps=80, eval_every=40, checkpoint_every=10**9, keep_best=False))
+    assert not (tmp_path / "off" / "run" / "best.pt").exists()

@@ -35,6 +35,7 @@ import torch
 from mabl.errors import CheckpointError, CorruptCheckpointError, warn
 
 FORMAT = "mabl-checkpoint-v1"
+BEST_NAME = "best.pt"
 SHARD_FORMAT = "mabl-buffer-shard-v1"
 BUFFER_DIR = "buffer"
 _NAME = re.compile(r"^ckpt_(\d{12})\.pt$")
@@ -174,6 +175,14 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, env_steps: int, keep: int
         old.unlink(missing_ok=True)
     prune_shards(ckpt_dir)
     return path
+
+
+def save_best(state: dict, run_dir: str | Path) -> Path:
+    """Write ``best.pt`` (a checkpoint file outside ``checkpoints/``, so a resume never picks it)
+    atomically: the learner at the best evaluation so far, readable by ``mabl eval``."""
+    state = dict(state, format=FORMAT, buffer={})  # the shards it would list are pruned over time
+    state["digest"] = digest(state)
+    return atomic_save(state, Path(run_dir) / BEST_NAME)
 
 
 def _check_format(state: dict, p: Path) -> dict:

@@ -104,6 +104,9 @@ class RunConfig:
     explore: float = 0.0
     checkpoint_every: int = 10_000
     keep_checkpoints: int = 3
+    # after every evaluation that beats the best so far (win rate where the env reports one, else the
+    # return), write <run_dir>/best.pt: the learner at that point, for ``mabl eval RUN/best.pt``
+    keep_best: bool = True
     log_every: int = 1  # episodes between metric rows
     run_dir: str = ""  # default runs/<env>/<preset>/seed<seed>
     # Speed switches of the learner update (mabl.fast; none changes the math, all off = plain fp32 eager;

@@ -11,7 +11,8 @@
 Everything is written under the run directory: ``config.json``, ``metrics.jsonl`` (one row
 per episode), ``eval.csv``, TensorBoard events in ``tb/``, ``curve.png``,
 ``checkpoints/ckpt_<steps>.pt`` and the buffer shards they list in ``checkpoints/buffer/``
-(see :mod:`mabl.checkpoint`).
+(see :mod:`mabl.checkpoint`), and ``best.pt``: the learner at the best evaluation so far
+(``run.keep_best``; win rate where the env reports one, else return; ties keep the earlier).
 
 Exact resume: a checkpoint holds the networks, optimizer states, the MAPPO entropy schedule
 (as an exact float), the model buffer, the torch (CPU and CUDA), numpy and Python RNG states,
@@ -41,7 +42,7 @@ import torch
 
 from mabl.agent import DecentralizedPolicy
 from mabl.buffer import ReplayBuffer
-from mabl.checkpoint import (atomic_write_text, list_checkpoints, load_buffer, load_checkpoint, load_latest,
+from mabl.checkpoint import (atomic_write_text, list_checkpoints, load_buffer, load_checkpoint, load_latest, save_best,
                              peek_checkpoint, remove_stale_temporaries, save_buffer, save_checkpoint)
 from mabl.config import Config, check_env_name, config_from_dict, config_differences
 from mabl.envs.base import MultiAgentEnv
@@ -378,6 +379,7 @@ class Trainer:
         self.next_eval = rc.eval_every
         self.next_ckpt = rc.checkpoint_every
         self.last_eval: dict[str, float] = {}
+        self.best_eval = -math.inf  # best evaluation score so far (run.keep_best)
         self.logger: RunLogger | None = None
         self._buffer_entry: dict | None = None  # the buffer entry of the last checkpoint saved/loaded
         self.checkpoint_stats: list[dict[str, float]] = []  # write time and size of each save
@@ -406,7 +408,8 @@ class Trainer:
             "buffer": buffer_entry or {},
             "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "next_eval": self.next_eval,
                          "next_ckpt": self.next_ckpt, "wall": self.wall, "stream_total": self.stream_total,
-                         "guard_step": g.step, "guard_skipped": g.skipped, "steps_since_update": self.steps_since_update},
+                         "guard_step": g.step, "guard_skipped": g.skipped, "steps_since_update": self.steps_since_update,
+                         "best_eval": self.best_eval},
             "last_eval": json.dumps(self.last_eval),
             "rng": rng,
         }
@@ -442,6 +445,7 @@ class Trainer:
             self.learner.guard.step = int(c.get("guard_step", 0))
             self.learner.guard.skipped = int(c.get("guard_skipped", 0))
             self.steps_since_update = int(c.get("steps_since_update", 0))
+            self.best_eval = float(c.get("best_eval", -math.inf))
             self.last_eval = json.loads(state["last_eval"])
             self.rng.bit_generator.state = json.loads(state["rng"]["numpy"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -603,7 +607,17 @@ class Trainer:
             torch.set_rng_state(torch_state)
         self.last_eval = res
         self.logger.evaluation(self.env_steps, self.wall, res)
+        score = eval_score(res)
+        if self.cfg.run.keep_best and score > self.best_eval:
+            self.best_eval = score
+            save_best(self.state_dict(), self.run_dir)
         return res
+
+
+def eval_score(res: dict[str, float]) -> float:
+    """What ``run.keep_best`` ranks evaluations by: the win rate where the env reports one, else the return."""
+    v = res.get("win_rate", res.get("return", -math.inf))
+    return float(v) if math.isfinite(float(v)) else -math.inf
 
 
 def check_config(state: dict, cfg: Config) -> None:
