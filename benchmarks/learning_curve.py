@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from mabl.fast import native_bf16  # noqa: E402
 from mabl.config import config_from_dict, make_config, parse_set  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
+from mabl.checkpoint import BEST_NAME  # noqa: E402
 from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, mean_ci, run_episode, summarize, train  # noqa: E402
 
 # seeds of the final trained-vs-random comparison: fresh maps, shared by neither training nor periodic evaluation
@@ -72,6 +73,13 @@ def final_comparison(run_dir: Path, episodes: int, seed: int, policy_seed: int) 
     for name, (pol, det) in policies.items():
         per[name] = [run_episode(env, pol, seed + k, det, torch.device("cpu"), record=False)[1] for k in range(episodes)]
     out: dict = {"episodes": episodes, "seed": seed, "checkpoint_env_steps": int(state["counters"]["env_steps"])}
+    best_path = Path(run_dir) / BEST_NAME  # run.keep_best: the learner of the best periodic evaluation
+    if best_path.exists():
+        _, best_learner, best_state = load_for_eval(best_path, "cpu")
+        torch.manual_seed(seed)
+        per["best greedy"] = [run_episode(env, best_learner.policy, seed + k, True, torch.device("cpu"), record=False)[1]
+                              for k in range(episodes)]
+        out["best_env_steps"] = int(best_state["counters"]["env_steps"])
     rnd = np.array([s.ret for s in per["random"]])
     for name, stats in per.items():
         row = summarize(stats, env.spec.has_win, with_ci=True)
@@ -99,7 +107,11 @@ def comparison_lines(cmp: dict) -> str:
 
     head = (f"- final checkpoint ({cmp['checkpoint_env_steps']:,} env steps) against the random policy on the same "
             f"{cmp['episodes']} fresh episode seeds ({cmp['seed']}...; 95% intervals):")
-    return "\n".join([head] + [fmt(n, cmp[n]) for n in ("greedy", "sampled", "random")])
+    lines = [head] + [fmt(n, cmp[n]) for n in ("greedy", "sampled", "random")]
+    if "best greedy" in cmp:
+        lines.append(f"- the checkpoint of the best periodic evaluation (`best.pt`, {cmp['best_env_steps']:,} env steps; chosen on the "
+                     f"evaluation seeds, tested here on the fresh ones):\n" + fmt("greedy", cmp["best greedy"]))
+    return "\n".join(lines)
 
 
 def machine() -> str:

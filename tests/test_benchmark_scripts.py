@@ -34,7 +34,9 @@ def test_learning_curve_report_with_paired_final_comparison(tmp_path, monkeypatc
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cmp = out["final_comparison"]
     assert cmp["episodes"] == 3 and cmp["checkpoint_env_steps"] >= 120
-    for name in ("greedy", "sampled"):
+    # run.keep_best wrote best.pt: its greedy policy is tested on the same fresh seeds
+    assert (run / "best.pt").exists() and 0 < cmp["best_env_steps"] <= cmp["checkpoint_env_steps"]
+    for name in ("greedy", "sampled", "best greedy"):
         row = cmp[name]
         # the paired difference is taken episode by episode on the same seeds
         assert row["diff_vs_random"] == pytest.approx(row["return"] - cmp["random"]["return"], abs=1e-9)
@@ -47,6 +49,7 @@ def test_learning_curve_report_with_paired_final_comparison(tmp_path, monkeypatc
     assert np.isfinite(cmp["random"]["return_ci95"]).all()
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- t:x:start -->" in text and "paired return difference vs random" in text
+    assert "best periodic evaluation (`best.pt`" in text
     assert (tmp_path / "benchmarks" / "results" / "t_x.csv").exists()
     saved = json.loads((tmp_path / "benchmarks" / "results" / "t_x_final.json").read_text())
     assert saved["greedy"]["return"] == pytest.approx(cmp["greedy"]["return"])
