@@ -32,6 +32,7 @@ from mabl.fast import native_bf16  # noqa: E402
 from mabl.config import config_from_dict, make_config, parse_set  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.checkpoint import BEST_NAME  # noqa: E402
+from mabl.errors import CheckpointError  # noqa: E402
 from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, mean_ci, run_episode, summarize, train  # noqa: E402
 
 # seeds of the final trained-vs-random comparison: fresh maps, shared by neither training nor periodic evaluation
@@ -62,7 +63,8 @@ class RandomPolicy:
 def final_comparison(run_dir: Path, episodes: int, seed: int, policy_seed: int) -> dict:
     """The run's newest checkpoint, greedy and sampled, against the random policy on the same
     ``episodes`` fresh episode seeds: per-policy mean return (95% t interval), win rate / arrival,
-    and the paired per-episode return difference trained - random with its 95% t interval.
+    and the paired per-episode return difference trained - random with its 95% t interval; with
+    ``best.pt`` in the run directory (``run.keep_best``) also that checkpoint, greedy, on the same seeds.
     """
     cfg, learner, state = load_for_eval(run_dir, "cpu")
     env = make_env(cfg.run.env, seed=seed, **cfg.run.env_options)
@@ -74,8 +76,13 @@ def final_comparison(run_dir: Path, episodes: int, seed: int, policy_seed: int) 
         per[name] = [run_episode(env, pol, seed + k, det, torch.device("cpu"), record=False)[1] for k in range(episodes)]
     out: dict = {"episodes": episodes, "seed": seed, "checkpoint_env_steps": int(state["counters"]["env_steps"])}
     best_path = Path(run_dir) / BEST_NAME  # run.keep_best: the learner of the best periodic evaluation
-    if best_path.exists():
-        _, best_learner, best_state = load_for_eval(best_path, "cpu")
+    try:
+        best = load_for_eval(best_path, "cpu") if best_path.exists() else None
+    except CheckpointError as e:  # a damaged best.pt costs its row, not the report
+        print(f"warning: {e}; the report has no best.pt row", file=sys.stderr)
+        best = None
+    if best is not None:
+        _, best_learner, best_state = best
         torch.manual_seed(seed)
         per["best greedy"] = [run_episode(env, best_learner.policy, seed + k, True, torch.device("cpu"), record=False)[1]
                               for k in range(episodes)]

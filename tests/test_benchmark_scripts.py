@@ -53,6 +53,10 @@ def test_learning_curve_report_with_paired_final_comparison(tmp_path, monkeypatc
     assert (tmp_path / "benchmarks" / "results" / "t_x.csv").exists()
     saved = json.loads((tmp_path / "benchmarks" / "results" / "t_x_final.json").read_text())
     assert saved["greedy"]["return"] == pytest.approx(cmp["greedy"]["return"])
+    # a damaged best.pt costs its row, not the report
+    (run / "best.pt").write_bytes(b"not a checkpoint")
+    assert "best greedy" not in lc.final_comparison(run, 2, lc.FINAL_SEED, 0)
+    assert "best.pt" in capsys.readouterr().err
 
 
 def _obs(layout, own_health=1.0, allies=(), enemies=()):
