@@ -68,25 +68,21 @@ def final_comparison(run_dir: Path, episodes: int, seed: int, policy_seed: int) 
     """
     cfg, learner, state = load_for_eval(run_dir, "cpu")
     env = make_env(cfg.run.env, seed=seed, **cfg.run.env_options)
-    torch.manual_seed(seed)
+    out: dict = {"episodes": episodes, "seed": seed, "checkpoint_env_steps": int(state["counters"]["env_steps"])}
     policies = {"greedy": (learner.policy, True), "sampled": (learner.policy, False),
                 "random": (RandomPolicy(env.spec, policy_seed), False)}
+    best_path = Path(run_dir) / BEST_NAME  # run.keep_best: the learner of the best periodic evaluation
+    try:
+        if best_path.exists():
+            _, best_learner, best_state = load_for_eval(best_path, "cpu")
+            policies["best greedy"] = (best_learner.policy, True)
+            out["best_env_steps"] = int(best_state["counters"]["env_steps"])
+    except CheckpointError as e:  # a damaged best.pt costs its row, not the report
+        print(f"warning: {e}; the report has no best.pt row", file=sys.stderr)
+    torch.manual_seed(seed)
     per: dict[str, list] = {}
     for name, (pol, det) in policies.items():
         per[name] = [run_episode(env, pol, seed + k, det, torch.device("cpu"), record=False)[1] for k in range(episodes)]
-    out: dict = {"episodes": episodes, "seed": seed, "checkpoint_env_steps": int(state["counters"]["env_steps"])}
-    best_path = Path(run_dir) / BEST_NAME  # run.keep_best: the learner of the best periodic evaluation
-    try:
-        best = load_for_eval(best_path, "cpu") if best_path.exists() else None
-    except CheckpointError as e:  # a damaged best.pt costs its row, not the report
-        print(f"warning: {e}; the report has no best.pt row", file=sys.stderr)
-        best = None
-    if best is not None:
-        _, best_learner, best_state = best
-        torch.manual_seed(seed)
-        per["best greedy"] = [run_episode(env, best_learner.policy, seed + k, True, torch.device("cpu"), record=False)[1]
-                              for k in range(episodes)]
-        out["best_env_steps"] = int(best_state["counters"]["env_steps"])
     rnd = np.array([s.ret for s in per["random"]])
     for name, stats in per.items():
         row = summarize(stats, env.spec.has_win, with_ci=True)
