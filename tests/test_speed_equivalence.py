@@ -101,7 +101,10 @@ def test_world_model_loss_and_gradients_match_plain_fp32(variant, flags):
 
 
 @pytest.mark.parametrize("variant", [dict(state_decoder=True), dict(state_decoder=True, single_global=True),
-                                     dict(state_decoder=True, obs_loss="smooth_l1", reward_loss="smooth_l1", state_scale=0.05)], ids=["bilevel", "single-global", "smooth-l1-scaled"])
+                                     dict(state_decoder=True, obs_loss="smooth_l1", reward_loss="smooth_l1", state_scale=0.05),
+                                     dict(state_decoder=True, reward_input="agent+global"),
+                                     dict(state_decoder=True, single_global=True, reward_input="agent+global")],
+                         ids=["bilevel", "single-global", "smooth-l1-scaled", "reward-global", "reward-single-global"])
 @pytest.mark.parametrize("flags", [dict(fused_heads=True), dict(fused_recurrence=True, fused_heads=True, fused_kl=True, gather_onehot=True)],
                          ids=["heads", "all+gather"])
 def test_state_decoder_loss_and_gradients_match_plain_fp32(variant, flags):
@@ -137,7 +140,8 @@ def test_fused_observe_matches_plain_posteriors_and_carry(variant):
 
 
 @pytest.mark.parametrize("gather", [False, True], ids=["matmul", "gather"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=["bilevel", "no-global", "single-global"])
+@pytest.mark.parametrize("variant", VARIANTS + [dict(reward_input="agent+global")],
+                         ids=["bilevel", "no-global", "single-global", "reward-global"])
 def test_fused_imagination_matches_plain(variant, gather):
     """Fused first layers + availability reused: the same trajectory from the same random stream."""
     model, cfg = _model(**variant)

@@ -1,6 +1,7 @@
 """The bi-level world model: shapes, the paper's conditioning structure, losses by hand."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -157,6 +158,47 @@ def test_state_decoder_trains_the_global_level_to_carry_the_state():
     assert m.obs_decoder[0].weight.grad is None and m.reward_head[0].weight.grad is None
     with pytest.raises(ConfigError, match="state_decoder"):
         tiny(state_decoder=True, bilevel=False)
+
+
+def test_reward_input_agent_global_reads_the_global_level():
+    """``model.reward_input``: "agent" (the paper) predicts r from (z^a, h^a) only; "agent+global" also
+    from (z^g, h^g), with the agent columns and every other module initialised as without it; the
+    reward loss then trains the global level; without a global level it is a config error."""
+    torch.manual_seed(4)
+    plain = BiLevelWorldModel(SPEC, tiny().model)
+    torch.manual_seed(4)
+    m = BiLevelWorldModel(SPEC, tiny(reward_input="agent+global").model)
+    sd, sd_plain = m.state_dict(), plain.state_dict()
+    assert sd.keys() == sd_plain.keys()
+    for k, v in sd_plain.items():
+        if k == "reward_head.0.weight":
+            assert v.shape[1] == m.feat_a and sd[k].shape[1] == m.feat_a + m.feat_g
+            assert torch.equal(sd[k][:, : m.feat_a], v)
+        else:
+            assert torch.equal(sd[k], v), k
+    b = batch()
+    with torch.no_grad():
+        post, _, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
+        r0 = m.heads(post)["reward"]
+        r_plain = plain.heads(post)["reward"]
+        changed = replace_latent(post, z_g=torch.roll(post.z_g, 1, dims=-1))
+        assert not torch.allclose(m.heads(changed)["reward"], r0)  # reads z^g
+        assert torch.allclose(plain.heads(changed)["reward"], r_plain)  # the paper's head does not
+    post = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])[0]  # with gradients
+    fa, fg = m.features(post)
+    m._reward_loss(m.reward_head(torch.cat([fa, fg], -1)).squeeze(-1), b["reward"]).backward()
+    assert m.global_post[-1].weight.grad.abs().sum() > 0 and m.state_encoder[0].weight.grad.abs().sum() > 0
+    fa, _ = plain.features(plain.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])[0])
+    plain._reward_loss(plain.reward_head(fa).squeeze(-1), b["reward"]).backward()
+    assert plain.global_post[-1].weight.grad is None
+    with pytest.raises(ConfigError, match="reward_input"):
+        tiny(reward_input="agent+global", bilevel=False)
+    with pytest.raises(ConfigError, match="reward_input"):
+        tiny(reward_input="global")
+
+
+def replace_latent(st, **kw):
+    return dataclasses.replace(st, **kw)
 
 
 def test_categorical_kl_matches_torch_distributions():

@@ -44,6 +44,11 @@ class WorldModelConfig:
     single_global: bool = False  # True: MABL-SG ablation (one shared global latent for all agents)
     obs_loss: str = "mse"  # "mse" (Gaussian log-likelihood) or "smooth_l1"
     reward_loss: str = "mse"  # "mse" (Gaussian log-likelihood) or "smooth_l1" (Huber, delta 1: the authors' code)
+    # Input of the reward head: "agent" = (z^a, h^a), the paper's; "agent+global" (extension) = also the agent's
+    # global features (z^g, h^g), like the termination/availability/action heads. With a team reward every
+    # agent predicts the same r_t, but an agent whose own observation no longer shows the battle (e.g. a dead
+    # SMAX unit, observation all zeros) cannot predict it from the agent level alone; the global level sees s_t.
+    reward_input: str = "agent"
     # Extension, not in the paper (the authors' code has it commented out): a decoder of the global
     # state s_t from each agent's global features (z^g, h^g), trained with the obs loss, so that the
     # global level has to carry the state the top-down prior passes to p(ẑ^a | h^a, ẑ^g).
@@ -268,6 +273,7 @@ def _build_section(section: str, cls, values: dict[str, Any]):
 _CHOICES = {
     ("model", "obs_loss"): ("mse", "smooth_l1"),
     ("model", "reward_loss"): ("mse", "smooth_l1"),
+    ("model", "reward_input"): ("agent", "agent+global"),
     ("ppo", "critic_input"): ("global+agent", "global", "agent"),
 }
 _POSITIVE = {
@@ -335,6 +341,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"ppo.hidden ({cfg.ppo.hidden}) must be divisible by ppo.attention_heads ({cfg.ppo.attention_heads})")
     if cfg.model.state_decoder and not cfg.model.bilevel:
         raise ConfigError("model.state_decoder needs model.bilevel=true (it decodes s_t from the global level)")
+    if cfg.model.reward_input == "agent+global" and not cfg.model.bilevel:
+        raise ConfigError("model.reward_input='agent+global' needs model.bilevel=true (there is no global level without it)")
     if cfg.model.single_global and not cfg.model.bilevel:
         raise ConfigError("model.single_global needs model.bilevel=true (it ablates the global level)")
     return cfg

@@ -178,7 +178,7 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
         ain, ag, ap = model.agent_in, model.agent_gru.lin, model.agent_prior[0]
         fl = FusedLinears(dt)
         # heads and actor: first layers on fa (+ fg)
-        fl.add("reward", model.reward_head[0].bias, {"fa": model.reward_head[0].weight})
+        fl.add("reward", *model.reward_first_layer())
         both = [("cont", model.cont_head)] + ([("avail", model.avail_head)] if model.avail_head is not None else [])
         for name, net in both:
             w = net[0].weight
@@ -226,7 +226,7 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
             if ia is not None:  # kept for the PPO epochs
                 ias.append(ia), igs.append(ig_n)
             if t > 0:  # reward and termination of the transition into state t
-                rews.append(mlp_tail(model.reward_head, fl.out("reward", p_fa), c).squeeze(-1).float())
+                rews.append(mlp_tail(model.reward_head, fl.out("reward", p_fa, p_fg), c).squeeze(-1).float())
                 cont = mlp_tail(model.cont_head, fl.out("cont", p_fa, p_fg), c).squeeze(-1).float()
                 conts.append(torch.sigmoid(cont))
             if t == horizon:

@@ -128,6 +128,17 @@ class BiLevelWorldModel(nn.Module):
         # extension (WorldModelConfig.state_decoder): s_t from the global features (z^g, h^g); built
         # last, so every other module starts from the same initial weights with the flag on or off
         self.state_decoder = mlp(self.feat_g, H, L, spec.state_dim) if self.bilevel and cfg.state_decoder else None
+        # extension (WorldModelConfig.reward_input="agent+global"): the reward head's first layer also reads
+        # (z^g, h^g); its agent columns keep the initial weights drawn above, the global columns are drawn
+        # last, so every other module starts from the same weights either way
+        self.reward_global = self.bilevel and cfg.reward_input == "agent+global"
+        if self.reward_global:
+            first = self.reward_head[0]
+            wide = nn.Linear(self.feat_a + self.feat_g, first.out_features)
+            with torch.no_grad():
+                wide.weight[:, : self.feat_a].copy_(first.weight)
+                wide.bias.copy_(first.bias)
+            self.reward_head[0] = wide
 
     # -- carries ---------------------------------------------------------------------------
     @property
@@ -263,10 +274,14 @@ class BiLevelWorldModel(nn.Module):
     def _both(self, fa, fg):
         return fa if fg is None else torch.cat([fa, fg], -1)
 
+    def _reward_in(self, fa, fg):
+        """The reward head's input: (z^a, h^a), and (z^g, h^g) with ``reward_input="agent+global"``."""
+        return self._both(fa, fg) if self.reward_global else fa
+
     def heads(self, st: LatentState) -> dict[str, torch.Tensor]:
         fa, fg = self.features(st)
         both = self._both(fa, fg)
-        out = {"reward": self.reward_head(fa).squeeze(-1), "cont": self.cont_head(both).squeeze(-1)}
+        out = {"reward": self.reward_head(self._reward_in(fa, fg)).squeeze(-1), "cont": self.cont_head(both).squeeze(-1)}
         if self.avail_head is not None:
             out["avail"] = self.avail_head(both)
         return out
@@ -290,7 +305,7 @@ class BiLevelWorldModel(nn.Module):
         terms["kl_a"] = cfg.kl_scale * kl_balanced(logits["post_a"], logits["prior_a"], self.n_cat, cfg.kl_balance).mean()
         if self.bilevel:
             terms["kl_g"] = cfg.kl_scale * kl_balanced(logits["post_g"], logits["prior_g"], self.n_cat, cfg.kl_balance).mean()
-        terms["reward"] = self._reward_loss(self.reward_head(fa).squeeze(-1), batch["reward"])
+        terms["reward"] = self._reward_loss(self.reward_head(self._reward_in(fa, fg)).squeeze(-1), batch["reward"])
         cont_target = batch["cont"].unsqueeze(-1).expand(*batch["cont"].shape, self.spec.n_agents)
         terms["cont"] = F.binary_cross_entropy_with_logits(self.cont_head(both).squeeze(-1).float(), cont_target).mean()
         if self.avail_head is not None:
@@ -497,12 +512,17 @@ class BiLevelWorldModel(nn.Module):
                                      h_g.view(B, G, D) if self.bilevel else None, z_g.view(B, G, S) if self.bilevel else None)
         return post, logits, last_carry
 
+    def reward_first_layer(self):
+        """(bias, {source: weight columns}) of the reward head's first layer for :class:`FusedLinears`."""
+        w = self.reward_head[0].weight
+        return self.reward_head[0].bias, ({"fa": w[:, : self.feat_a], "fg": w[:, self.feat_a:]} if self.reward_global else {"fa": w})
+
     def fused_heads(self, dtype: torch.dtype, action: bool = True) -> FusedLinears:
         """First layers of the heads as one :class:`FusedLinears` over the sources ``fa``/``fg``."""
         F_a = self.feat_a
         fl = FusedLinears(dtype)
-        for name, net in (("obs", self.obs_decoder), ("reward", self.reward_head)):
-            fl.add(name, net[0].bias, {"fa": net[0].weight})
+        fl.add("obs", self.obs_decoder[0].bias, {"fa": self.obs_decoder[0].weight})
+        fl.add("reward", *self.reward_first_layer())
         if self.state_decoder is not None:
             fl.add("state", self.state_decoder[0].bias, {"fg": self.state_decoder[0].weight})
         both = [("cont", self.cont_head), ("avail", self.avail_head)] + ([("action", self.action_decoder)] if action else [])
@@ -542,7 +562,7 @@ class BiLevelWorldModel(nn.Module):
                     both = self._both(fa, fg)
                     obs_pred = self.obs_decoder(fa)
                     state_pred = self.state_decoder(fg) if self.state_decoder is not None else None
-                    reward_pred = self.reward_head(fa).squeeze(-1)
+                    reward_pred = self.reward_head(self._reward_in(fa, fg)).squeeze(-1)
                     cont_pred = self.cont_head(both).squeeze(-1)
                     avail_pred = self.avail_head(both) if self.avail_head is not None else None
                     act_pred = self.action_decoder(both[:-1])
