@@ -112,6 +112,24 @@ def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys):
         assert np.isfinite([row["real"], row["posterior"], row["imagined"], row["replayed"]]).all()
 
 
+def test_reward_by_agent_splits_alive_and_dead_agents(tmp_path, capsys, monkeypatch):
+    rba = load_script("reward_by_agent")
+    # alive flags from a SMAX 3m world state: 6 units x (health, x, y, cooldown, 6 type bits) + 12
+    st = np.zeros((2, 72), np.float32)
+    st[0, [0, 10, 20]] = [1.0, 0.5, 0.2]
+    st[1, [0, 20]] = [0.3, 0.1]
+    assert rba.alive_mask(st, 3, 6).tolist() == [[True, True, True], [True, False, True]]
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "run_dir": str(run)},
+                                           "model": {"reward_input": "agent+global"}}))
+    monkeypatch.setattr(rba, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
+    assert rba.main([str(run), "--episodes", "3", "--write", "test"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert row["reward_input"] == "agent+global" and row["episodes"] == 3 and np.isfinite(row["mae_alive"])
+    text = (tmp_path / "section.md").read_text()
+    assert text.startswith("diagnosis:test") and "agent+global" in text and "reward_by_agent.py" in text
+
+
 def test_learner_speed_sections_keep_each_cpu_kind_apart(tmp_path):
     """The speed targets are stated for the AMX machine: figures from an AVX2 CPU (fp32 fallback) or
     an AVX512-BF16 CPU without AMX go to their own sections and never overwrite the AMX table."""
