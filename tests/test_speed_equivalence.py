@@ -30,6 +30,7 @@ from mabl.world_model import BiLevelWorldModel, kl_balanced
 SPEC = EnvSpec("test:toy", n_agents=3, obs_dim=11, state_dim=7, action_dim=5, discrete=True, has_action_mask=True)
 CONT = EnvSpec("test:cont", n_agents=2, obs_dim=9, state_dim=6, action_dim=3, discrete=False, has_action_mask=False)
 VARIANTS = [dict(), dict(bilevel=False), dict(single_global=True)]
+UNIMIX = [dict(unimix=0.01), dict(unimix=0.3, single_global=True)]  # the extension model.unimix, in every fused path
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +83,7 @@ def _max_rel(a_list, b_list):
 # ------------------------------------------------------------------------------------------
 # (a) fused paths == plain paths in fp32
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["bilevel", "no-global", "single-global"])
+@pytest.mark.parametrize("variant", VARIANTS + UNIMIX, ids=["bilevel", "no-global", "single-global", "unimix", "unimix-single-global"])
 @pytest.mark.parametrize("flags", [dict(fused_recurrence=True), dict(fused_heads=True), dict(fused_kl=True),
                                    dict(fused_recurrence=True, fused_heads=True, fused_kl=True),
                                    dict(fused_recurrence=True, fused_heads=True, fused_kl=True, gather_onehot=True)],
@@ -120,7 +121,7 @@ def test_state_decoder_loss_and_gradients_match_plain_fp32(variant, flags):
     assert _max_rel(g0, g1) < 1e-4
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["bilevel", "no-global", "single-global"])
+@pytest.mark.parametrize("variant", VARIANTS + UNIMIX, ids=["bilevel", "no-global", "single-global", "unimix", "unimix-single-global"])
 def test_fused_observe_matches_plain_posteriors_and_carry(variant):
     model, _ = _model(**variant)
     b = _batch()
@@ -140,8 +141,8 @@ def test_fused_observe_matches_plain_posteriors_and_carry(variant):
 
 
 @pytest.mark.parametrize("gather", [False, True], ids=["matmul", "gather"])
-@pytest.mark.parametrize("variant", VARIANTS + [dict(reward_input="agent+global")],
-                         ids=["bilevel", "no-global", "single-global", "reward-global"])
+@pytest.mark.parametrize("variant", VARIANTS + [dict(reward_input="agent+global")] + UNIMIX,
+                         ids=["bilevel", "no-global", "single-global", "reward-global", "unimix", "unimix-single-global"])
 def test_fused_imagination_matches_plain(variant, gather):
     """Fused first layers + availability reused: the same trajectory from the same random stream."""
     model, cfg = _model(**variant)

@@ -12,7 +12,7 @@ from mabl.config import make_config, replace
 from mabl.envs.base import EnvSpec
 from mabl.errors import ConfigError
 from mabl.nets import sample_onehot
-from mabl.world_model import BiLevelWorldModel, categorical_kl, kl_balanced
+from mabl.world_model import BiLevelWorldModel, categorical_kl, kl_balanced, unimix_logits
 
 SPEC = EnvSpec("test:toy", n_agents=3, obs_dim=11, state_dim=7, action_dim=5, discrete=True, has_action_mask=True)
 
@@ -195,6 +195,58 @@ def test_reward_input_agent_global_reads_the_global_level():
         tiny(reward_input="agent+global", bilevel=False)
     with pytest.raises(ConfigError, match="reward_input"):
         tiny(reward_input="global")
+
+
+def test_unimix_mixes_every_latent_distribution():
+    """``model.unimix`` (extension): each categorical is (1-u) softmax + u/K, by hand; u = 0 leaves the logits
+    untouched; the model's posteriors and priors of both levels, and the decentralized policy's posterior,
+    use the mixture, so every class keeps probability >= u/K; u outside [0, 1) is a config error."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2 * 4)
+    assert unimix_logits(x, 4, 0.0) is x
+    mixed = unimix_logits(x, 4, 0.1).exp().unflatten(-1, (2, 4))
+    by_hand = 0.9 * torch.softmax(x.unflatten(-1, (2, 4)), -1) + 0.1 / 4
+    assert torch.allclose(mixed, by_hand, atol=1e-6) and torch.allclose(mixed.sum(-1), torch.ones(5, 2), atol=1e-6)
+    u = 0.2
+    cfg = tiny(unimix=u)
+    K = cfg.model.n_classes
+    b = batch()
+    torch.manual_seed(1)
+    m = BiLevelWorldModel(SPEC, cfg.model)
+    torch.manual_seed(1)
+    ref = BiLevelWorldModel(SPEC, tiny().model)  # same weights, no mixing
+    with torch.no_grad():
+        _, logits, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"], sample=False)
+        _, ref_logits, _ = ref.observe(b["obs"], b["state"], b["prev_action"], b["is_first"], sample=False)
+    for k in ("post_a", "post_g", "prior_g"):
+        p = logits[k].exp().unflatten(-1, (-1, K))
+        assert torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5), k
+        assert p.min() >= u / K - 1e-6, k
+        assert torch.allclose(logits[k], unimix_logits(ref_logits[k], K, u), atol=1e-5), k
+    assert logits["prior_a"].exp().min() >= u / K - 1e-6
+    from mabl.agent import DecentralizedPolicy
+    from mabl.policy import Actor
+    actor = Actor(m.feat_a, SPEC.action_dim, 8, 1, True)
+    pol = DecentralizedPolicy(m, actor)
+    with torch.no_grad():
+        m.agent_post[2].weight.mul_(30)  # peaked posteriors, so that the mixture differs from them
+        _, logits, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"], sample=False)
+        carry = pol.initial(SPEC.n_agents)
+        _, _, new, _ = pol.step(b["obs"][0, 0], None, carry, generator=torch.Generator().manual_seed(5))
+        h = m.agent_gru(torch.relu(m.agent_in(carry.z_a, carry.prev_action)), carry.h_a)
+        raw = m.agent_post[2](torch.relu(m.agent_post[0](h, m.obs_encoder(b["obs"][0, 0]))))
+        post = unimix_logits(raw, K, u)
+        assert torch.allclose(logits["post_a"][0, 0], post, atol=1e-5)  # observe's first step
+        # the acting agent samples its latent from the same mixture: 20,000 rows of agent 0's first step
+        rows = 20_000
+        _, _, many, _ = pol.step(b["obs"][0, 0, :1].expand(rows, -1), None, pol.initial(rows),
+                                 generator=torch.Generator().manual_seed(5))
+        freq = many.z_a.unflatten(-1, (-1, K)).mean(0)
+        mixed, unmixed = (x[0].unflatten(-1, (-1, K)).softmax(-1) for x in (post, raw))
+        assert (freq - mixed).abs().max() < 0.02 < (freq - unmixed).abs().max()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="unimix"):
+            tiny(unimix=bad)
 
 
 def replace_latent(st, **kw):

@@ -16,7 +16,7 @@ from torch import nn
 
 from mabl.nets import GRUCell, SplitLinear
 from mabl.policy import Actor
-from mabl.world_model import BiLevelWorldModel
+from mabl.world_model import BiLevelWorldModel, unimix_logits
 
 
 @dataclass
@@ -36,6 +36,7 @@ class DecentralizedPolicy(nn.Module):
         self.agent_post: nn.Sequential = model.agent_post
         self.actor = actor
         self.n_cat = model.n_cat
+        self.n_classes, self.unimix = model.cfg.n_classes, model.cfg.unimix
         self.deter, self.stoch = model.cfg.deter, model.stoch
         self.action_dim = model.spec.action_dim
 
@@ -51,7 +52,8 @@ class DecentralizedPolicy(nn.Module):
         h^a_t = f^a(h^a_{t-1}, z^a_{t-1}, a^i_{t-1}); z^a_t ~ q(z^a_t | o^i_t, h^a_t); a^i_t ~ π(z^a_t, h^a_t).
         """
         h = self.agent_gru(F.relu(self.agent_in(carry.z_a, carry.prev_action)), carry.h_a)
-        logits = self.agent_post[2](F.relu(self.agent_post[0](h, self.obs_encoder(obs))))
+        logits = unimix_logits(self.agent_post[2](F.relu(self.agent_post[0](h, self.obs_encoder(obs)))), self.n_classes,
+                               self.unimix)  # model.unimix: the same mixture as in training
         shaped = logits.float().unflatten(-1, (self.n_cat, -1))
         if deterministic:
             idx = shaped.argmax(-1)

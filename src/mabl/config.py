@@ -49,6 +49,10 @@ class WorldModelConfig:
     # agent predicts the same r_t, but an agent whose own observation no longer shows the battle (e.g. a dead
     # SMAX unit, observation all zeros) cannot predict it from the agent level alone; the global level sees s_t.
     reward_input: str = "agent"
+    # Extension, not in the paper (DreamerV3's "unimix"): every latent categorical, posteriors and priors
+    # of both levels, is the mixture (1 - unimix) softmax(logits) + unimix / n_classes; its samples, KL
+    # terms and straight-through gradients all use the mixed distribution. 0 = the paper (no mixing).
+    unimix: float = 0.0
     # Extension, not in the paper (the authors' code has it commented out): a decoder of the global
     # state s_t from each agent's global features (z^g, h^g), trained with the obs loss, so that the
     # global level has to carry the state the top-down prior passes to p(ẑ^a | h^a, ẑ^g).
@@ -333,6 +337,8 @@ def validate(cfg: Config) -> Config:
         json.dumps(cfg.run.env_options)
     except (TypeError, ValueError):
         raise ConfigError(f"config key run.env_options must be a JSON object, got {cfg.run.env_options!r}") from None
+    if not 0.0 <= cfg.model.unimix < 1.0:
+        raise ConfigError(f"config key model.unimix must be in [0, 1), got {cfg.model.unimix!r}")
     for sec, key in (("model", "kl_balance"), ("model", "recent_fraction"), ("ppo", "gamma"), ("ppo", "gae_lambda"), ("run", "explore")):
         val = getattr(getattr(cfg, sec), key)
         if not 0.0 <= val <= 1.0:

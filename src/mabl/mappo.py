@@ -249,10 +249,10 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
                 xg = F.relu(fl.out("in_g", p_zg) + jact)
                 h_g = gru_update(F.linear(xg, Wx_g, b_g) + fl.out("gru_g", p_hg), h_g, D)
                 p_hg = fl.project("h_g", h_g.to(dt))
-                z_g = model._sample(mlp_tail(model.global_prior, fl.out("prior_g", p_hg), c), True, dt)
+                z_g = model._sample(model._mix(mlp_tail(model.global_prior, fl.out("prior_g", p_hg), c)), True, dt)
                 ig = ids(z_g)
                 p_zg = proj("z_g", z_g, ig)
-            z_a = model._sample(mlp_tail(model.agent_prior, fl.out("prior_a", p_ha, p_zg), c), True, dt)
+            z_a = model._sample(model._mix(mlp_tail(model.agent_prior, fl.out("prior_a", p_ha, p_zg), c)), True, dt)
             ia = ids(z_a)
             if t < horizon - 1:
                 p_za = proj("z_a", z_a, ia)

@@ -78,6 +78,17 @@ def kl_balanced(post_logits: torch.Tensor, prior_logits: torch.Tensor, n_cat: in
     return balance * prior_side + (1.0 - balance) * post_side
 
 
+def unimix_logits(logits: torch.Tensor, n_classes: int, mix: float) -> torch.Tensor:
+    """Log-probabilities of the mixture ``(1 - mix)·softmax(logits) + mix/K`` per categorical of ``K = n_classes``
+    (DreamerV3's "unimix"; :attr:`WorldModelConfig.unimix`), fp32 ``[..., C*K]``. Being normalized
+    log-probabilities they are valid logits of the mixed distribution for every consumer (sampling,
+    KL, softmax); ``mix = 0`` returns ``logits`` unchanged."""
+    if mix == 0.0:
+        return logits
+    p = torch.softmax(logits.float().unflatten(-1, (-1, n_classes)), -1)
+    return torch.log(p * (1.0 - mix) + mix / n_classes).flatten(-2)
+
+
 def gaussian_nll(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """-log N(target; pred, 1) up to a constant, summed over the last dim."""
     return 0.5 * (pred.float() - target).pow(2).sum(-1)
@@ -203,14 +214,14 @@ class BiLevelWorldModel(nn.Module):
             h_a, z_a = h_a * k, z_a * k
             h_a = self.agent_gru(F.relu(self.agent_in.part(0, z_a) + act_x[t]), h_a)
             post_in = F.relu(self.agent_post[0].part(0, h_a) + post_a_x[t])
-            logit_a = self.agent_post[2](post_in)
+            logit_a = self._mix(self.agent_post[2](post_in))
             z_a = self._sample(logit_a, sample)
             hs_a.append(h_a), zs_a.append(z_a), ls_a.append(logit_a)
             if self.bilevel:
                 h_g, z_g = h_g * k, z_g * k
                 h_g = self.global_gru(F.relu(self.global_in.part(0, z_g) + jact_x[t]), h_g)
                 g_in = self.global_post[0].part(0, h_g) + post_g_x[t] + self.global_post[0].part(2, self._z_a_for_global(z_a))
-                logit_g = self.global_post[2](F.relu(g_in))
+                logit_g = self._mix(self.global_post[2](F.relu(g_in)))
                 z_g = self._sample(logit_g, sample)
                 hs_g.append(h_g), zs_g.append(z_g), ls_g.append(logit_g)
 
@@ -220,7 +231,7 @@ class BiLevelWorldModel(nn.Module):
         # priors, batched over time
         if self.bilevel:
             logits["post_g"] = torch.stack(ls_g)
-            logits["prior_g"] = self.global_prior(post.h_g)
+            logits["prior_g"] = self._mix(self.global_prior(post.h_g))
             zhat_g = self._expand_g(self._sample(logits["prior_g"], sample))
             logits["prior_a"] = self._agent_prior(post.h_a, zhat_g)
         else:
@@ -241,11 +252,16 @@ class BiLevelWorldModel(nn.Module):
             return (0.5 * (pred.float() - target).pow(2)).mean()
         return F.smooth_l1_loss(pred.float(), target)
 
+    def _mix(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of a latent distribution as used everywhere: with ``cfg.unimix`` those of the uniform
+        mixture (:func:`unimix_logits`), else ``logits`` itself."""
+        return unimix_logits(logits, self.cfg.n_classes, self.cfg.unimix)
+
     def _agent_prior(self, h_a: torch.Tensor, zhat_g: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of p(ẑ^a | h^a, ẑ^g) (top-down; without the global level p(ẑ^a | h^a))."""
         if zhat_g is None:
-            return self.agent_prior(h_a)
-        return self.agent_prior[2](F.relu(self.agent_prior[0](h_a, zhat_g)))
+            return self._mix(self.agent_prior(h_a))
+        return self._mix(self.agent_prior[2](F.relu(self.agent_prior[0](h_a, zhat_g))))
 
     def _sample(self, logits: torch.Tensor, sample: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.speed.fast_sampling:
@@ -266,7 +282,7 @@ class BiLevelWorldModel(nn.Module):
             z_a = self._sample(self._agent_prior(h_a), True)
             return LatentState(h_a, z_a)
         h_g = self.global_gru(F.relu(self.global_in(st.z_g, self.joint_action(action))), st.h_g)
-        z_g = self._sample(self.global_prior(h_g), True)
+        z_g = self._sample(self._mix(self.global_prior(h_g)), True)
         z_a = self._sample(self._agent_prior(h_a, self._expand_g(z_g)), True)
         return LatentState(h_a, z_a, h_g, z_g)
 
@@ -408,7 +424,7 @@ class BiLevelWorldModel(nn.Module):
                     post_h = L_ha(h_a.to(dt), slice(0, H))
                 else:
                     post_h, gru_a = L_ha(h_a.to(dt)).split([H, 3 * D], -1)
-                logit_a = L_pa(F.relu(post_h + post_a_x[t])) + b_pa2
+                logit_a = self._mix(L_pa(F.relu(post_h + post_a_x[t])) + b_pa2)
                 z_a = self._sample(logit_a, sample, dt)
                 hs_a.append(h_a), zs_a.append(z_a), ls_a.append(logit_a)
                 if not self.bilevel:
@@ -428,7 +444,7 @@ class BiLevelWorldModel(nn.Module):
                     post_hg = L_hg(h_g.to(dt), slice(0, H))
                 else:
                     post_hg, gru_g = L_hg(h_g.to(dt)).split([H, 3 * D], -1)
-                logit_g = L_pg(F.relu(post_hg + post_g_x[t] + gz)) + b_pg2
+                logit_g = self._mix(L_pg(F.relu(post_hg + post_g_x[t] + gz)) + b_pg2)
                 z_g = self._sample(logit_g, sample, dt)
                 if not last:
                     in_g = L_zg(z_g)
@@ -466,13 +482,13 @@ class BiLevelWorldModel(nn.Module):
             else:
                 post2, gru2 = Lh2(hh.to(dt)).split([H, 3 * D], -1)
             pre_a, pre_g = (post2 + pin[t]).unbind(0)
-            logit_a = L_pa(F.relu(pre_a)) + b_pa2
+            logit_a = self._mix(L_pa(F.relu(pre_a)) + b_pa2)
             z_a = self._sample(logit_a, sample, dt)
             if last:
                 gz = L_za(z_a, slice(H, None))
             else:
                 in_a, gz = L_za(z_a).split([H, H], -1)
-            logit_g = L_pg(F.relu(pre_g + gz)) + b_pg2
+            logit_g = self._mix(L_pg(F.relu(pre_g + gz)) + b_pg2)
             z_g = self._sample(logit_g, sample, dt)
             if not last:
                 in2 = torch.stack([in_a, L_zg(z_g)])
@@ -496,7 +512,7 @@ class BiLevelWorldModel(nn.Module):
                 post.h_g = torch.stack(hs_g).view(*shape_g, D)
                 post.z_g = torch.stack(zs_g).view(*shape_g, S)
                 logits["post_g"] = torch.stack(ls_g).view(*shape_g, S)
-                logits["prior_g"] = mlp_forward(self.global_prior, post.h_g, dt)
+                logits["prior_g"] = self._mix(mlp_forward(self.global_prior, post.h_g, dt))
                 zhat_g = self._expand_g(self._sample(logits["prior_g"], sample, dt))
                 ap = self.agent_prior[0]
                 if self.speed.gather:  # Speed.gather_onehot: the sampled ẑ^g enters as a gather
@@ -504,10 +520,10 @@ class BiLevelWorldModel(nn.Module):
                 else:
                     z_part = F.linear(zhat_g, c(ap.parts[1].weight))
                 pre = F.linear(post.h_a.to(dt), c(ap.parts[0].weight), c(ap.parts[0].bias)) + z_part
-                logits["prior_a"] = mlp_tail(self.agent_prior, pre, dt)
+                logits["prior_a"] = self._mix(mlp_tail(self.agent_prior, pre, dt))
             else:
                 ap = self.agent_prior[0]
-                logits["prior_a"] = mlp_tail(self.agent_prior, F.linear(post.h_a.to(dt), c(ap.parts[0].weight), c(ap.parts[0].bias)), dt)
+                logits["prior_a"] = self._mix(mlp_tail(self.agent_prior, F.linear(post.h_a.to(dt), c(ap.parts[0].weight), c(ap.parts[0].bias)), dt))
             last_carry = LatentState(h_a.view(B, N, D), z_a.view(B, N, S),
                                      h_g.view(B, G, D) if self.bilevel else None, z_g.view(B, G, S) if self.bilevel else None)
         return post, logits, last_carry
