@@ -148,3 +148,24 @@ def test_learner_speed_sections_keep_each_cpu_kind_apart(tmp_path):
         ls.write_section(out, f"{s}\n{body}\n{e}")
     text = out.read_text()
     assert "AMX table" in text and "avx2 table" in text and "zen4 again" in text and "zen4 table" not in text
+
+
+def test_imagined_by_step_compares_imagined_and_real_returns(tmp_path, capsys, monkeypatch):
+    ibs = load_script("imagined_by_step")
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "run_dir": str(run)}}))
+    monkeypatch.setattr(ibs, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
+    assert ibs.main([str(run), "--episodes", "3", "--write", "test"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    H = row["horizon"]
+    assert H == 5 and len(row["reward_by_step"]) == len(row["cont_by_step"]) == len(row["reach_by_step"]) == H
+    # every step of an episode but a terminal last one is a start: episode lengths + 1 (reset) - terminal ends
+    total = round(row["mean_length"] * 3)
+    assert total <= row["starts"] <= total + 3
+    reach = np.array(row["reach_by_step"])
+    assert reach[0] == 1.0 and (np.diff(reach) <= 1e-6).all() and (reach > 0).all()
+    assert np.isfinite([row["real_return"], row["imagined_weighted"], row["imagined_unweighted"], row["after_real_end"]]).all()
+    # the real H-step return of a SMAX start is a sum of at most H non-negative team rewards (scaled x10, <= ~20 per episode)
+    assert 0.0 <= row["real_return"] <= 25.0
+    text = (tmp_path / "section.md").read_text()
+    assert text.startswith("diagnosis:test") and "imagined_by_step.py" in text and "reach weight" in text

@@ -1,0 +1,125 @@
+"""Where does imagination's reward come from? Imagined against real H-step returns, step by step.
+
+    python benchmarks/imagined_by_step.py runs/bench/smax_3m_fast_s0/checkpoints/ckpt_000000020014.pt [more] --episodes 40 [--write NAME]
+
+For each checkpoint the policy plays ``--episodes`` fresh episodes (seeds 2000003..., sampled actions as
+in training). Every non-terminal step t of every episode is an imagination start (the posterior state
+there, as the learner's starts); from it the model imagines ``ppo.horizon`` steps with the policy, as in
+training. Per imagined step k it reports the predicted team reward, the predicted continuation and the
+reach weight w_k (the product of the continuations before k, what GAE and the PPO weights use), and
+compares with the real episode from the same start:
+
+* ``real H-step return``: the sum of the real team rewards of steps t+1 .. t+H (the episode may end sooner);
+* ``imagined, weighted``: sum over k of w_k r_k (the return the critic and the advantages see, gamma = 1);
+* ``imagined, unweighted``: sum over k of r_k (what ``policy/imag_reward`` in metrics.jsonl averages);
+* ``after the real end``: the weighted imagined reward at steps k beyond the real episode's end, i.e.
+  reward the model invents after a battle that is over (the model never saw a transition out of a
+  terminal state).
+
+Prints a table and one JSON line; ``--write NAME`` also puts the table into BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
+from mabl.envs import make_env  # noqa: E402
+from mabl.mappo import imagine, reach_weights  # noqa: E402
+from mabl.train import load_for_eval, run_episode  # noqa: E402
+
+
+@torch.no_grad()
+def measure(checkpoint: str, episodes: int) -> dict:
+    cfg, learner, state = load_for_eval(checkpoint, "cpu")
+    env = make_env(cfg.run.env, seed=FINAL_SEED, **cfg.run.env_options)
+    model, actor, H = learner.model, learner.algo.actor, cfg.ppo.horizon
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(FINAL_SEED)
+    real_ret, im_w, im_u, after_end, rew_k, cont_k, w_k, n_k = [], [], [], [], np.zeros(H), np.zeros(H), np.zeros(H), 0
+    lengths, wins = [], 0
+    for e in range(episodes):
+        ep, st = run_episode(env, learner.policy, FINAL_SEED + e, False, torch.device("cpu"))
+        lengths.append(st.length)
+        wins += bool(st.won)
+        T = len(ep["obs"])  # reset step + one per action
+        first = torch.zeros(T, 1, dtype=torch.bool)
+        first[0] = True
+        with learner.autocast():
+            post, _, _ = model.observe(*(torch.as_tensor(ep[k])[:, None] for k in ("obs", "state", "prev_action")), first)
+        keep = torch.as_tensor(ep["cont"]) > 0  # imagination starts: the non-terminal steps, as the learner's
+        starts = post.map(lambda x: x[:, 0][keep])
+        with learner.autocast():
+            traj = imagine(model, actor, starts, H)
+        r = traj.reward.mean(-1).double().numpy()  # [H, M] team reward of imagined transition k
+        c = traj.cont.mean(-1).double()
+        w = reach_weights(c).numpy()  # [H, M]: probability that imagined step k is reached
+        team = ep["reward"].mean(-1)  # [T] real team reward for arriving at t
+        for m, t in enumerate(np.flatnonzero(keep.numpy())):
+            real_ret.append(float(team[t + 1:t + 1 + H].sum()))
+            im_w.append(float((w[:, m] * r[:, m]).sum()))
+            im_u.append(float(r[:, m].sum()))
+            left = T - 1 - t  # real steps after the start
+            after_end.append(float((w[left:, m] * r[left:, m]).sum()) if left < H else 0.0)
+        rew_k += r.sum(1)
+        cont_k += c.numpy().sum(1)
+        w_k += w.sum(1)
+        n_k += r.shape[1]
+    mean = lambda x: float(np.mean(x))  # noqa: E731
+    return {"checkpoint": checkpoint, "env_steps": int(state["counters"]["env_steps"]), "episodes": episodes, "won": wins,
+            "mean_length": mean(lengths), "starts": len(real_ret), "horizon": H,
+            "real_return": mean(real_ret), "imagined_weighted": mean(im_w), "imagined_unweighted": mean(im_u),
+            "after_real_end": mean(after_end),
+            "reward_by_step": (rew_k / n_k).round(3).tolist(), "cont_by_step": (cont_k / n_k).round(3).tolist(),
+            "reach_by_step": (w_k / n_k).round(3).tolist()}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| checkpoint | env steps | won | starts | real H-step return | imagined, weighted | imagined, unweighted | "
+           "of it after the real end (weighted) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| `{r['checkpoint']}` | {r['env_steps']:,} | {r['won']}/{r['episodes']} | {r['starts']} | {r['real_return']:.2f} | "
+                   f"{r['imagined_weighted']:.2f} | {r['imagined_unweighted']:.2f} | {r['after_real_end']:.2f} |")
+    out += ["", "Per imagined step k = 1..H (mean over starts): team reward / continuation / reach weight", ""]
+    for r in rows:
+        steps = " ".join(f"{a:.2f}/{b:.2f}/{c:.2f}" for a, b, c in zip(r["reward_by_step"], r["cont_by_step"], r["reach_by_step"]))
+        out.append(f"- `{r['checkpoint']}`: {steps}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files or run directories (newest checkpoint)")
+    p.add_argument("--episodes", type=int, default=40)
+    p.add_argument("--write", metavar="NAME", help="also write the table into BENCHMARKS.md as section diagnosis:NAME")
+    p.add_argument("--note", default="", help="text after the table (with --write)")
+    args = p.parse_args(argv)
+    if args.episodes <= 0:
+        p.error(f"--episodes must be > 0, got {args.episodes}")
+    rows = [measure(c, args.episodes) for c in args.checkpoints]
+    tab = table(rows)
+    print(tab)
+    if args.write:
+        cmd = "python benchmarks/imagined_by_step.py " + " ".join(args.checkpoints) + f" --episodes {args.episodes}"
+        body = (f"### Imagined against real H-step returns, step by step (`{args.write}`)\n\n- command: `{cmd}`\n"
+                f"- commit `{commit()}`, machine: {machine()}\n- {args.episodes} fresh episodes per checkpoint "
+                f"(seeds {FINAL_SEED}...), sampled actions; every non-terminal step an imagination start\n\n{tab}\n")
+        if args.note:
+            body += f"\n{args.note}\n"
+        write_section(f"diagnosis:{args.write}", body)
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
