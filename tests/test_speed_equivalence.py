@@ -31,6 +31,8 @@ SPEC = EnvSpec("test:toy", n_agents=3, obs_dim=11, state_dim=7, action_dim=5, di
 CONT = EnvSpec("test:cont", n_agents=2, obs_dim=9, state_dim=6, action_dim=3, discrete=False, has_action_mask=False)
 VARIANTS = [dict(), dict(bilevel=False), dict(single_global=True)]
 UNIMIX = [dict(unimix=0.01), dict(unimix=0.3, single_global=True)]  # the extension model.unimix, in every fused path
+PRIOR_HEADS = [dict(prior_heads=0.5, reward_input="agent+global"), dict(prior_heads=1.0, single_global=True),
+               dict(prior_heads=1.0, bilevel=False)]  # the extension model.prior_heads
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +85,9 @@ def _max_rel(a_list, b_list):
 # ------------------------------------------------------------------------------------------
 # (a) fused paths == plain paths in fp32
 
-@pytest.mark.parametrize("variant", VARIANTS + UNIMIX, ids=["bilevel", "no-global", "single-global", "unimix", "unimix-single-global"])
+@pytest.mark.parametrize("variant", VARIANTS + UNIMIX + PRIOR_HEADS,
+                         ids=["bilevel", "no-global", "single-global", "unimix", "unimix-single-global", "prior-heads",
+                              "prior-heads-single-global", "prior-heads-no-global"])
 @pytest.mark.parametrize("flags", [dict(fused_recurrence=True), dict(fused_heads=True), dict(fused_kl=True),
                                    dict(fused_recurrence=True, fused_heads=True, fused_kl=True),
                                    dict(fused_recurrence=True, fused_heads=True, fused_kl=True, gather_onehot=True)],

@@ -249,6 +249,41 @@ def test_unimix_mixes_every_latent_distribution():
             tiny(unimix=bad)
 
 
+def test_prior_heads_train_the_heads_on_one_step_prior_samples():
+    """``model.prior_heads`` (extension): two extra terms, the reward and termination losses of the heads on
+    (ẑ^a ~ p(ẑ^a | h^a, ẑ^g), h^a, ẑ^g, h^g) with the posterior rollout's h and the ẑ^g the agent prior was
+    conditioned on, times the weight; by hand with the same samples; their gradients reach both priors;
+    0 leaves the loss as it was; a negative weight is a config error."""
+    b = batch()
+    torch.manual_seed(2)
+    ref = BiLevelWorldModel(SPEC, tiny().model)
+    torch.manual_seed(2)
+    m = BiLevelWorldModel(SPEC, tiny(prior_heads=0.5, reward_input="agent+global").model)
+    torch.manual_seed(3)
+    _, m0, _ = ref.loss(b)
+    assert "reward_prior" not in m0 and "cont_prior" not in m0
+    torch.manual_seed(3)
+    total, m1, _ = m.loss(b)
+    assert set(m1) - set(m0) == {"reward_prior", "cont_prior"}
+    # by hand, replaying the random stream: the posterior rollout, the ẑ^g sample, then the ẑ^a sample
+    torch.manual_seed(3)
+    post, logits, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
+    za = m._sample(logits["prior_a"], True)
+    both = torch.cat([za, post.h_a, logits["zhat_g"], post.h_g], -1)
+    r_hand = 0.5 * m._reward_loss(m.reward_head(both).squeeze(-1), b["reward"])
+    cont_t = b["cont"].unsqueeze(-1).expand(*b["cont"].shape, 3)
+    c_hand = 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(m.cont_head(both).squeeze(-1), cont_t)
+    assert torch.allclose(m1["reward_prior"], r_hand.detach(), atol=1e-5)
+    assert torch.allclose(m1["cont_prior"], c_hand.detach(), atol=1e-5)
+    m.zero_grad()
+    (r_hand + c_hand).backward()
+    for net in (m.agent_prior, m.global_prior):
+        assert net[-1].weight.grad is not None and net[-1].weight.grad.abs().sum() > 0
+    assert m.obs_decoder[0].weight.grad is None  # only the heads' terms were back-propagated
+    with pytest.raises(ConfigError, match="prior_heads"):
+        tiny(prior_heads=-1.0)
+
+
 def replace_latent(st, **kw):
     return dataclasses.replace(st, **kw)
 

@@ -53,6 +53,10 @@ class WorldModelConfig:
     # of both levels, is the mixture (1 - unimix) softmax(logits) + unimix / n_classes; its samples, KL
     # terms and straight-through gradients all use the mixed distribution. 0 = the paper (no mixing).
     unimix: float = 0.0
+    # Extension, not in the paper: weight of the reward and termination losses repeated on one-step prior
+    # samples (ẑ^a, ẑ^g from the priors, h from the posterior rollout, the same targets), since imagination
+    # feeds the heads prior samples only. 0 = the paper (heads trained on posterior latents only).
+    prior_heads: float = 0.0
     # Extension, not in the paper (the authors' code has it commented out): a decoder of the global
     # state s_t from each agent's global features (z^g, h^g), trained with the obs loss, so that the
     # global level has to carry the state the top-down prior passes to p(ẑ^a | h^a, ẑ^g).
@@ -290,7 +294,7 @@ _POSITIVE_FLOAT = {
     "model": ("lr", "grad_clip"),
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip"),
 }
-_NON_NEGATIVE = {"model": ("kl_scale", "state_scale"), "ppo": ("entropy",), "run": ("min_buffer", "threads", "train_every_steps")}
+_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy",), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
 _AT_MOST = {
     ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,
