@@ -167,5 +167,11 @@ def test_imagined_by_step_compares_imagined_and_real_returns(tmp_path, capsys, m
     assert np.isfinite([row["real_return"], row["imagined_weighted"], row["imagined_unweighted"], row["after_real_end"]]).all()
     # the real H-step return of a SMAX start is a sum of at most H non-negative team rewards (scaled x10, <= ~20 per episode)
     assert 0.0 <= row["real_return"] <= 25.0
+    # terminal steps: one per episode that ended in a decided battle; continuations are probabilities
+    assert 0 <= row["terminal_steps"] <= 3
+    if row["terminal_steps"]:
+        assert 0.0 <= row["terminal_cont_post"] <= 1.0 and 0.0 <= row["terminal_cont_prior"] <= 1.0
+        assert np.isfinite([row["terminal_reward_post"], row["terminal_reward_prior"], row["terminal_reward_real"]]).all()
     text = (tmp_path / "section.md").read_text()
     assert text.startswith("diagnosis:test") and "imagined_by_step.py" in text and "reach weight" in text
+    assert "one-step prior samples" in text
