@@ -253,19 +253,24 @@ class BiLevelWorldModel(nn.Module):
             return (0.5 * (pred.float() - target).pow(2)).mean()
         return F.smooth_l1_loss(pred.float(), target)
 
+    def _cont_target(self, batch) -> torch.Tensor:
+        """The termination head's target per agent ``[T, B, N]``: every agent predicts the team's continuation."""
+        return batch["cont"].unsqueeze(-1).expand(*batch["cont"].shape, self.spec.n_agents)
+
     def _prior_head_terms(self, batch, post: LatentState, logits, dtype) -> dict[str, torch.Tensor]:
         """``cfg.prior_heads`` (extension): the reward and termination losses once more, on one-step prior
         samples instead of the posterior latents: ẑ^a_t ~ p(ẑ^a | h^a_t, ẑ^g_t), ẑ^g_t ~ p(ẑ^g | h^g_t), the
         h from the posterior rollout, the same targets. Imagination feeds the heads prior samples only; on
         the posterior alone they can rely on latent codes the priors never produce (on SMAX 3m, at real
-        terminal steps: continuation 0.00 from the posterior, 0.45-0.84 from one-step prior samples).
+        terminal steps: continuation 0.00 from the posterior, 0.2-0.8 from one-step prior samples; BENCHMARKS.md
+        section ``diagnosis:smax:3m:imagined_by_step``).
         Gradients reach the priors through the straight-through samples."""
         za = self._sample(logits["prior_a"], True, dtype)
         fa, fg = self.features(LatentState(post.h_a.to(dtype), za, None if post.h_g is None else post.h_g.to(dtype),
                                            logits.get("zhat_g")))
         reward = mlp_forward(self.reward_head, self._reward_in(fa, fg), dtype).squeeze(-1)
         cont = mlp_forward(self.cont_head, self._both(fa, fg), dtype).squeeze(-1)
-        cont_target = batch["cont"].unsqueeze(-1).expand(*batch["cont"].shape, self.spec.n_agents)
+        cont_target = self._cont_target(batch)
         w = self.cfg.prior_heads
         return {"reward_prior": w * self._reward_loss(reward, batch["reward"]),
                 "cont_prior": w * F.binary_cross_entropy_with_logits(cont.float(), cont_target).mean()}
@@ -340,7 +345,7 @@ class BiLevelWorldModel(nn.Module):
         if self.bilevel:
             terms["kl_g"] = cfg.kl_scale * kl_balanced(logits["post_g"], logits["prior_g"], self.n_cat, cfg.kl_balance).mean()
         terms["reward"] = self._reward_loss(self.reward_head(self._reward_in(fa, fg)).squeeze(-1), batch["reward"])
-        cont_target = batch["cont"].unsqueeze(-1).expand(*batch["cont"].shape, self.spec.n_agents)
+        cont_target = self._cont_target(batch)
         terms["cont"] = F.binary_cross_entropy_with_logits(self.cont_head(both).squeeze(-1).float(), cont_target).mean()
         if self.avail_head is not None:
             terms["avail"] = bernoulli_nll(self.avail_head(both), batch["avail"]).mean() / self.spec.action_dim
@@ -618,7 +623,7 @@ class BiLevelWorldModel(nn.Module):
                         kls[lvl] = categorical_kl(post_l, prior_l, self.n_cat).mean()
                 terms[f"kl_{lvl}"] = cfg.kl_scale * kl.mean()
             terms["reward"] = self._reward_loss(reward_pred, batch["reward"])
-            cont_target = batch["cont"].unsqueeze(-1).expand(*batch["cont"].shape, self.spec.n_agents)
+            cont_target = self._cont_target(batch)
             terms["cont"] = F.binary_cross_entropy_with_logits(cont_pred.float(), cont_target).mean()
             if avail_pred is not None:
                 terms["avail"] = bernoulli_nll(avail_pred, batch["avail"]).mean() / self.spec.action_dim
