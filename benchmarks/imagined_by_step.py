@@ -25,8 +25,6 @@ Prints a table and one JSON line; ``--write NAME`` also puts the table into BENC
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
+from learning_curve import FINAL_SEED, diagnosis_main, write_section  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.mappo import imagine, reach_weights  # noqa: E402
 from mabl.world_model import LatentState  # noqa: E402
@@ -129,27 +127,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files or run directories (newest checkpoint)")
-    p.add_argument("--episodes", type=int, default=40)
-    p.add_argument("--write", metavar="NAME", help="also write the table into BENCHMARKS.md as section diagnosis:NAME")
-    p.add_argument("--note", default="", help="text after the table (with --write)")
-    args = p.parse_args(argv)
-    if args.episodes <= 0:
-        p.error(f"--episodes must be > 0, got {args.episodes}")
-    rows = [measure(c, args.episodes) for c in args.checkpoints]
-    tab = table(rows)
-    print(tab)
-    if args.write:
-        cmd = "python benchmarks/imagined_by_step.py " + " ".join(args.checkpoints) + f" --episodes {args.episodes}"
-        body = (f"### Imagined against real H-step returns, step by step (`{args.write}`)\n\n- command: `{cmd}`\n"
-                f"- commit `{commit()}`, machine: {machine()}\n- {args.episodes} fresh episodes per checkpoint "
-                f"(seeds {FINAL_SEED}...), sampled actions; every non-terminal step an imagination start\n\n{tab}\n")
-        if args.note:
-            body += f"\n{args.note}\n"
-        write_section(f"diagnosis:{args.write}", body)
-    print(json.dumps(rows))
-    return 0
+    return diagnosis_main(argv, __doc__, "imagined_by_step.py", measure, table, 40,
+                          "Imagined against real H-step returns, step by step",
+                          "sampled actions; every non-terminal step an imagination start", write_section)
 
 
 if __name__ == "__main__":

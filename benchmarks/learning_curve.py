@@ -140,6 +140,33 @@ def commit() -> str:
         return "unknown"
 
 
+def diagnosis_main(argv, doc: str, script: str, measure, table, default_episodes: int, title: str, what: str, write) -> int:
+    """The command line shared by the checkpoint diagnoses (``reward_by_agent.py``, ``imagined_by_step.py``):
+    ``CHECKPOINT... [--episodes N] [--write NAME [--note TEXT]]``; prints ``table(rows)`` and one JSON line of the
+    rows ``measure(checkpoint, episodes)``, and with ``--write`` puts the table under ``title`` into BENCHMARKS.md
+    (section ``diagnosis:NAME``) through ``write(name, body)``; ``what`` describes the episodes in the section."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files or run directories (newest checkpoint)")
+    p.add_argument("--episodes", type=int, default=default_episodes)
+    p.add_argument("--write", metavar="NAME", help="also write the table into BENCHMARKS.md as section diagnosis:NAME")
+    p.add_argument("--note", default="", help="text after the table (with --write)")
+    args = p.parse_args(argv)
+    if args.episodes <= 0:
+        p.error(f"--episodes must be > 0, got {args.episodes}")
+    rows = [measure(c, args.episodes) for c in args.checkpoints]
+    tab = table(rows)
+    print(tab)
+    if args.write:
+        cmd = f"python benchmarks/{script} " + " ".join(args.checkpoints) + f" --episodes {args.episodes}"
+        body = (f"### {title} (`{args.write}`)\n\n- command: `{cmd}`\n- commit `{commit()}`, machine: {machine()}\n"
+                f"- {args.episodes} fresh episodes per checkpoint (seeds {FINAL_SEED}...), {what}\n\n{tab}\n")
+        if args.note:
+            body += f"\n{args.note}\n"
+        write(f"diagnosis:{args.write}", body)
+    print(json.dumps(rows))
+    return 0
+
+
 def write_section(name: str, body: str) -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery figure here was written by a script in `benchmarks/`, with its command, commit and machine.\n"

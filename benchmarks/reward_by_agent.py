@@ -19,8 +19,6 @@ SMAX only (alive = the unit's health in the global state is > 0). Prints a table
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
+from learning_curve import FINAL_SEED, diagnosis_main, write_section  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.errors import ConfigError  # noqa: E402
 from mabl.train import load_for_eval, run_episode  # noqa: E402
@@ -98,27 +96,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files or run directories (newest checkpoint)")
-    p.add_argument("--episodes", type=int, default=60)
-    p.add_argument("--write", metavar="NAME", help="also write the table into BENCHMARKS.md as section NAME")
-    p.add_argument("--note", default="", help="text after the table (with --write)")
-    args = p.parse_args(argv)
-    if args.episodes <= 0:
-        p.error(f"--episodes must be > 0, got {args.episodes}")
-    rows = [measure(c, args.episodes) for c in args.checkpoints]
-    tab = table(rows)
-    print(tab)
-    if args.write:
-        cmd = "python benchmarks/reward_by_agent.py " + " ".join(args.checkpoints) + f" --episodes {args.episodes}"
-        body = (f"### Reward head by agent: who knows the team reward (`{args.write}`)\n\n- command: `{cmd}`\n"
-                f"- commit `{commit()}`, machine: {machine()}\n- {args.episodes} fresh episodes per checkpoint "
-                f"(seeds {FINAL_SEED}...), greedy policy; predictions along the posterior of the real episodes\n\n{tab}\n")
-        if args.note:
-            body += f"\n{args.note}\n"
-        write_section(f"diagnosis:{args.write}", body)
-    print(json.dumps(rows))
-    return 0
+    return diagnosis_main(argv, __doc__, "reward_by_agent.py", measure, table, 60,
+                          "Reward head by agent: who knows the team reward",
+                          "greedy policy; predictions along the posterior of the real episodes", write_section)
 
 
 if __name__ == "__main__":
