@@ -15,11 +15,20 @@ The learning agents are SMAX's allies; the enemies are driven by JaxMARL's built
   and ended far worse, so it is off by default;
 * ``avail`` bool ``[n_agents, 5 + n_enemies]``: actions 0-3 move, 4 stop, ``5 + i`` attack enemy
   ``i`` (in range and alive). A dead ally may only stop;
-* ``reward`` float32 ``[n_agents]``: SMAX's shared team reward for the last transition (enemy
-  health lost as a fraction, divided by the number of enemies, plus 1.0 on a win), times
-  ``reward_scale`` (default 10, so a won episode is worth up to ~20 as with SMAC's default
-  reward normalisation, the scale the paper's hyperparameters were tuned for; 1 gives SMAX's
-  native reward), identical for every agent; zeros after ``reset``.
+* ``reward`` float32 ``[n_agents]``: the shared team reward for the last transition, identical
+  for every agent; zeros after ``reset``. Option ``reward`` picks the function:
+
+  - ``"smax"`` (default): SMAX's native reward (enemy health lost as a fraction, divided by the
+    number of enemies, plus 1.0 on a win) times ``reward_scale`` (default 10, so a won episode is
+    worth up to ~20 as with SMAC's default reward normalisation, the scale the paper's
+    hyperparameters were tuned for; 1 gives SMAX's native reward);
+  - ``"smac"``: SMAC's default reward, the one the paper trained on (StarCraft2Env's
+    ``reward_battle`` with ``reward_only_positive``): enemy health lost in hit points, plus 10 for
+    every enemy killed, plus 200 for a win (all enemies dead, an ally alive), divided by the most
+    an episode can earn (``10 n_enemies + 200 +`` the enemies' total health) and times
+    ``reward_scale`` (default 20, SMAC's ``reward_scale_rate``: a perfect win is worth 20). Unlike
+    SMAX's, it pays for kills, so finishing a damaged enemy (focus fire) earns more than spreading
+    the same shots: on 3m a kill is worth 0.55, a marine's 45 hit points 2.47, the win 10.96.
 
 ``terminated`` means the battle was decided (every ally or every enemy is dead);
 ``truncated`` means the episode limit was reached with both sides still standing. JaxMARL itself
@@ -123,7 +132,13 @@ UNBUILDABLE: dict[str, str] = {
     "corridor": "SMAX has no terrain, so there is no corridor; use 6z_vs_24zg (same units, no terrain)",
 }
 
-OPTIONS = ("episode_limit", "reward_scale", "normalize_state")
+OPTIONS = ("episode_limit", "reward", "reward_scale", "normalize_state")
+
+# Reward functions (option ``reward``): "smax" = SMAX's native team reward, "smac" = SMAC's default.
+REWARDS = ("smax", "smac")
+# SMAC's defaults (reward_death_value, reward_win; reward_defeat 0, reward_negative_scale unused since
+# reward_only_positive) and its reward_scale_rate: a perfect episode is worth 20
+SMAC_DEATH_VALUE, SMAC_WIN_VALUE, SMAC_SCALE = 10.0, 200.0, 20.0
 
 # SMAC normalises its reward so that a won episode is worth at most ~20 (reward_scale_rate=20);
 # SMAX's native reward tops out at ~2 (damage fraction + 1 for the win). The paper's
@@ -203,7 +218,8 @@ def _compiled(task: str):
     """The JaxMARL env and the jitted reset/step for one map, shared by all its adapters.
 
     Both functions return one ``uint32`` vector: ``[PRNG key | battle state | obs | world state |
-    avail | reward, terminated, truncated, won]`` (floats bit-cast, so nothing is rounded).
+    avail | SMAX reward, SMAC reward, terminated, truncated, won]`` (floats bit-cast, so nothing is
+    rounded).
     ``step`` takes that vector back, so the key and state never leave the device and each call
     moves three arguments and one result instead of a dozen pytree leaves each way.
     The episode limit is a traced argument, so an ``episode_limit`` override does not compile
@@ -245,7 +261,17 @@ def _compiled(task: str):
             i += size
         return jax.tree.unflatten(treedef, leaves)
 
-    def pack(key, env_state, obs, reward, limit):
+    def smac_reward(before, after):
+        """SMAC's default ``reward_battle`` (reward_only_positive): enemy health lost, 10 per enemy
+        killed and 200 for a win, divided by the most an episode can earn (a won battle = 1.0)."""
+        alive_b, alive_a = before.unit_alive[n:], after.unit_alive[n:]
+        damage = jnp.sum(jnp.where(alive_b, before.unit_health[n:] - after.unit_health[n:], 0.0))
+        kills = jnp.sum((alive_b & ~alive_a).astype(jnp.float32))
+        won = ~jnp.any(alive_a) & jnp.any(after.unit_alive[:n])
+        most = SMAC_DEATH_VALUE * (after.unit_alive.shape[0] - n) + SMAC_WIN_VALUE + jnp.sum(env.unit_type_health[after.unit_types[n:]])
+        return (damage + SMAC_DEATH_VALUE * kills + SMAC_WIN_VALUE * won.astype(jnp.float32)) / most
+
+    def pack(key, env_state, obs, reward, limit, reward_smac=0.0):
         inner = env_state.state
         alive = inner.unit_alive
         allies_dead = ~jnp.any(alive[:n])
@@ -260,6 +286,7 @@ def _compiled(task: str):
             to_u32(obs["world_state"].astype(jnp.float32)),
             to_u32(jnp.stack([avail[a] for a in agents])),
             to_u32(jnp.asarray(reward, jnp.float32)),
+            to_u32(jnp.asarray(reward_smac, jnp.float32)),
             to_u32(jnp.stack([terminated, truncated, won])),
         ]
         return jnp.concatenate(parts)
@@ -273,8 +300,9 @@ def _compiled(task: str):
         key, env_state = unpack_carry(buf)
         key, sub = jax.random.split(key)
         act = {a: actions[i] for i, a in enumerate(agents)}
+        before = env_state.state
         obs, env_state, rewards, _, _ = env.step_env(sub, env_state, act)
-        return pack(key, env_state, obs, rewards[agents[0]], limit)
+        return pack(key, env_state, obs, rewards[agents[0]], limit, smac_reward(before, env_state.state))
 
     reset_j, step_j = jax.jit(reset), jax.jit(step, compiler_options=_XLA_OPTIONS)
     # warm up: compile once, outside any episode the caller sees
@@ -312,8 +340,8 @@ def _state_scale(env) -> tuple[np.ndarray, np.ndarray]:
 class SMAXEnv:
     """One SMAX map with heuristic enemies; see the module docstring for the conventions."""
 
-    def __init__(self, task: str, seed: int = 0, episode_limit: int | None = None,
-                 reward_scale: float = DEFAULT_REWARD_SCALE, normalize_state: bool = False):
+    def __init__(self, task: str, seed: int = 0, episode_limit: int | None = None, reward: str = "smax",
+                 reward_scale: float | None = None, normalize_state: bool = False):
         if task not in EPISODE_LIMITS:
             if task in UNBUILDABLE:
                 raise ConfigError(
@@ -324,6 +352,11 @@ class SMAXEnv:
         if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
             raise ConfigError(f"smax option episode_limit must be a positive int, got {episode_limit!r}")
         limit = int(limit)
+        if not isinstance(reward, str) or reward not in REWARDS:
+            raise one_of("smax option reward", reward, REWARDS)
+        self._reward_at = REWARDS.index(reward)  # where its value sits in the packed vector
+        if reward_scale is None:
+            reward_scale = DEFAULT_REWARD_SCALE if reward == "smax" else SMAC_SCALE
         if isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float)) or not reward_scale > 0:
             raise ConfigError(f"smax option reward_scale must be a positive number, got {reward_scale!r}")
         self._reward_scale = float(reward_scale)
@@ -369,14 +402,14 @@ class SMAXEnv:
         o, s, a = self._cuts
         spec = self.spec
         f = flat.view(np.float32)
-        terminated, truncated, won = (bool(x) for x in flat[a + 1 :])
+        terminated, truncated, won = (bool(x) for x in flat[a + 2 :])
         done = terminated or truncated
         self._done = done
         return TimeStep(
             obs=f[:o].reshape(spec.n_agents, spec.obs_dim),
             state=f[o:s] if self._state_scale is None else self._normalize(f[o:s]),
             avail=flat[s:a].reshape(spec.n_agents, spec.action_dim).astype(bool),
-            reward=np.full(spec.n_agents, f[a] * self._reward_scale, dtype=np.float32),
+            reward=np.full(spec.n_agents, f[a + self._reward_at] * self._reward_scale, dtype=np.float32),
             terminated=terminated,
             truncated=truncated,
             info={"won": won} if done else {},
@@ -415,9 +448,11 @@ class SMAXEnv:
 
 
 def make(task: str, seed: int = 0, **options) -> SMAXEnv:
-    """Build the SMAX adapter for ``task``; options ``episode_limit`` (positive int),
-    ``reward_scale`` (positive float, default 10: SMAC's reward scale; 1: SMAX's native reward)
-    and ``normalize_state`` (bool, default false; true: the global state scaled to about [0, 1])."""
+    """Build the SMAX adapter for ``task``; options ``episode_limit`` (positive int), ``reward``
+    (``"smax"``, default, or ``"smac"``: see the module docstring), ``reward_scale`` (positive float;
+    default 10 for ``"smax"``, SMAC's scale, where 1 is SMAX's native reward; 20 for ``"smac"``, SMAC's
+    ``reward_scale_rate``) and ``normalize_state`` (bool, default false; true: the global state scaled
+    to about [0, 1])."""
     for name in options:
         if name not in OPTIONS:
             raise ConfigError(f"unknown smax option {name!r}; accepted: {', '.join(OPTIONS)}")
