@@ -174,8 +174,54 @@ def test_reward_scale_option():
         np.testing.assert_allclose(b.reward, smax.DEFAULT_REWARD_SCALE * a.reward, rtol=1e-6)
     with pytest.raises(ConfigError, match="reward_scale"):
         make_env("smax:3m", reward_scale=-1)
-    with pytest.raises(ConfigError, match="accepted: episode_limit, reward_scale, normalize_state"):
+    with pytest.raises(ConfigError, match="accepted: episode_limit, reward, reward_scale, normalize_state"):
         make_env("smax:3m", reward_sclae=2)
+
+
+def _smac_reward_by_hand(state0, state1, won, n_allies, n_enemies, max_health):
+    """SMAC's reward_battle (reward_only_positive) from two SMAX world states: per unit the state
+    starts with [health fraction, x, y, cooldown, 6 type bits]."""
+    per = 10
+    h0 = state0[: per * (n_allies + n_enemies)].reshape(-1, per)[n_allies:, 0] * max_health
+    h1 = state1[: per * (n_allies + n_enemies)].reshape(-1, per)[n_allies:, 0] * max_health
+    alive0 = h0 > 0
+    damage = np.sum(np.where(alive0, h0 - h1, 0.0))
+    kills = np.sum(alive0 & (h1 <= 0))
+    most = 10 * n_enemies + 200 + n_enemies * max_health
+    return 20 * (damage + 10 * kills + 200 * won) / most
+
+
+def test_smac_reward_option():
+    """reward="smac": SMAC's damage + 10 per kill + 200 per win, scaled so a perfect win is worth 20,
+    checked against a hand computation from the global state; same battle as the SMAX reward."""
+    smac, native = make_env("smax:3m", seed=0, reward="smac"), make_env("smax:3m", seed=0)
+    kills_seen = wins = 0
+    for seed in range(12):
+        a, b = smac.reset(seed=seed), native.reset(seed=seed)
+        total = 0.0
+        while not a.done:
+            # walk east and shoot the first enemy in range, a few random actions: kills, wins and losses
+            rng = np.random.default_rng([seed, len(a.state)])
+            acts = np.array([rng.choice(np.flatnonzero(av)) if rng.random() < 0.05 else
+                             5 + np.flatnonzero(av[5:])[0] if av[5:].any() else (1 if av[1] else STOP) for av in a.avail])
+            prev = a.state
+            a, b = smac.step(acts), native.step(acts)
+            np.testing.assert_array_equal(a.obs, b.obs)  # the option changes the reward only
+            want = _smac_reward_by_hand(prev, a.state, bool(a.info.get("won", False)), 3, 3, 45.0)
+            np.testing.assert_allclose(a.reward, np.full(3, want, np.float32), rtol=1e-5, atol=1e-5)
+            kills_seen += int(a.reward[0] > 20 * 10 / 365 - 1e-4)
+            total += float(a.reward[0])
+        wins += bool(a.info["won"])
+        if a.info["won"]:
+            assert total == pytest.approx(20.0, abs=1e-3)  # everything there is to earn
+    assert kills_seen > 0 and wins > 0, (kills_seen, wins)
+    scaled = make_env("smax:3m", seed=0, reward="smac", reward_scale=1.0)
+    ts = scaled.reset(seed=0)
+    while not ts.done:
+        ts = scaled.step(np.array([5 + np.flatnonzero(av[5:])[0] if av[5:].any() else 1 for av in ts.avail]))
+    assert 0.0 <= ts.reward[0] <= 1.0
+    with pytest.raises(ConfigError, match="unknown smax option reward 'sc2'; accepted: smax, smac"):
+        make_env("smax:3m", reward="sc2")
 
 
 @pytest.mark.parametrize("task", ["3m", "3s_vs_4z"])
