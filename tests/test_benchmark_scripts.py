@@ -175,3 +175,41 @@ def test_imagined_by_step_compares_imagined_and_real_returns(tmp_path, capsys, m
     text = (tmp_path / "section.md").read_text()
     assert text.startswith("diagnosis:test") and "imagined_by_step.py" in text and "reach weight" in text
     assert "one-step prior samples" in text
+
+
+def test_smax_focus_fire_measures_target_choice(tmp_path, capsys, monkeypatch):
+    import torch
+
+    sff = load_script("smax_focus_fire")
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "run_dir": str(run)}}))
+    monkeypatch.setattr(sff, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
+    assert sff.main([str(run), "--episodes", "3", "--write", "test"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    for key in ("win", "win_target_weakest", "imagined_p_weakest"):
+        assert 0.0 <= row[key] <= 1.0, key
+    for key in ("attacks_on_weakest", "decoder_finds_weakest"):  # nan when no step had two targets of different health
+        assert np.isnan(row[key]) or 0.0 <= row[key] <= 1.0, key
+    assert sum(row["imagined_attacks"]) <= row["imagined_steps"]
+    assert "target = weakest" in (tmp_path / "section.md").read_text()
+    # the override attacks the weakest enemy in range whenever there is one, and the carry sees that action
+    from mabl.envs import make_env
+    from mabl.train import load_for_eval
+
+    _, learner, _ = load_for_eval(str(run), "cpu")
+    env, layout = make_env("smax:3m", seed=0), sff.ObsLayout("3m")
+    pol = sff.WeakestTarget(learner.policy, layout)
+    checked = 0
+    for seed in range(4):
+        ts, carry = env.reset(seed=seed), pol.initial(3)
+        while not ts.done:
+            _, act, carry, _ = pol.step(torch.as_tensor(ts.obs), torch.as_tensor(ts.avail), carry, deterministic=True)
+            assert (carry.prev_action.argmax(-1) == act).all()
+            for i in range(3):
+                targets = np.flatnonzero(ts.avail[i, 5:])
+                if targets.size:
+                    health = layout.parse(ts.obs[i])[3]
+                    assert health[int(act[i]) - 5] == health[targets].min()
+                    checked += 1
+            ts = env.step(act.numpy())
+    assert checked > 0
