@@ -16,6 +16,10 @@ policy could reach.
   than every visible ally by more than ``--sync-margin`` map units stops and waits: the team
   arrives together, so the heuristic enemies (each keeps shooting the closest ally in range)
   cannot shoot one early arrival down alone.
+* ``weakest_sync_team``: as ``weakest_sync``, but ties between equally weak enemies in range (at the
+  start every enemy has full health) go to the enemy closest to the centre of the agent and the allies
+  it sees, instead of the lowest index, so agents that see the battle from different places still
+  pick the same target.
 
 Episodes use the seeds of ``benchmarks/learning_curve.py``'s final comparison (2000003, ...), so the
 win rates compare directly with its trained-vs-random table. Writes a section into
@@ -45,7 +49,7 @@ from mabl.envs import make_env  # noqa: E402
 from mabl.errors import one_of  # noqa: E402
 from mabl.train import evaluate  # noqa: E402
 
-POLICIES = ("random", "first", "weakest", "weakest_sync")
+POLICIES = ("random", "first", "weakest", "weakest_sync", "weakest_sync_team")
 # SMAX movement actions 0-3 move by these unit vectors, 4 stops, 5 + j attacks enemy j
 MOVES = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])
 STOP, N_MOVE = 4, 5
@@ -104,14 +108,19 @@ class ScriptedPolicy:
             return STOP
         targets = np.flatnonzero(avail[N_MOVE:])
         if targets.size:
-            j = targets[0] if self.name == "first" else targets[np.argmin(enemy_h[targets])]
-            return N_MOVE + int(j)
+            if self.name == "first":
+                return N_MOVE + int(targets[0])
+            key = enemy_h[targets]
+            if self.name == "weakest_sync_team":  # tie-break: closest to the centre of the visible team
+                centre = np.mean([p for h, p in zip(ally_h, ally_p) if h > VISIBLE] + [np.zeros(2)], axis=0)
+                key = np.round(key, 4) * 1e3 + np.linalg.norm(enemy_p[targets] - centre, axis=1)
+            return N_MOVE + int(targets[np.argmin(key)])
         seen = enemy_h > VISIBLE
         if not seen.any():
             return 1  # +x: toward the enemy half
         dist = np.where(seen, np.linalg.norm(enemy_p, axis=1), np.inf)
         k = int(np.argmin(dist))
-        if self.name == "weakest_sync":
+        if self.name in ("weakest_sync", "weakest_sync_team"):
             mates = [np.linalg.norm(enemy_p[seen] - p, axis=1).min() for h, p in zip(ally_h, ally_p) if h > VISIBLE]
             if mates and dist[k] < min(mates) - self.margin:
                 return STOP  # ahead of the team: wait for it
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
     env = make_env(args.env, seed=0)
     layout = ObsLayout(task)
     rows = []
-    variants = [(n, m) for n in args.policies for m in (args.sync_margin if n == "weakest_sync" else [None])]
+    variants = [(n, m) for n in args.policies for m in (args.sync_margin if n.startswith("weakest_sync") else [None])]
     for name, margin in variants:
         pol = ScriptedPolicy(name, layout, seed=args.seed, sync_margin=margin or 0.0)
         if margin is not None and len(args.sync_margin) > 1:

@@ -89,7 +89,16 @@ def test_scripted_rules_focus_and_wait():
     # level with the ally: moves in
     o = _obs(layout, allies=[(0, 1.0, 0, 1)], enemies=[(0, 1.0, 8, 0)])
     assert sc.ScriptedPolicy("weakest_sync", layout).agent(o, avail) == 1
-    with pytest.raises(Exception, match="accepted: random, first, weakest, weakest_sync"):
+    # two equally weak enemies in range: weakest takes the lower index, weakest_sync_team the one nearer
+    # the centre of the team it sees (agent at 0, ally at (0, -4): centre (0, -2))
+    avail[[5, 6]] = True
+    o = _obs(layout, allies=[(0, 1.0, 0, -4)], enemies=[(0, 0.6, 3, 3), (1, 0.6, 3, -2)])
+    assert sc.ScriptedPolicy("weakest", layout).agent(o, avail) == 5
+    assert sc.ScriptedPolicy("weakest_sync_team", layout).agent(o, avail) == 6
+    # health still comes first
+    o = _obs(layout, allies=[(0, 1.0, 0, -4)], enemies=[(0, 0.4, 3, 3), (1, 0.6, 3, -2)])
+    assert sc.ScriptedPolicy("weakest_sync_team", layout).agent(o, avail) == 5
+    with pytest.raises(Exception, match="accepted: random, first, weakest, weakest_sync, weakest_sync_team"):
         sc.ScriptedPolicy("kite", layout)
 
 
