@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from learning_curve import FINAL_SEED, diagnosis_main, write_section  # noqa: E402
+from learning_curve import FINAL_SEED, diagnosis_main, episode_posterior, write_section  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.mappo import imagine, reach_weights  # noqa: E402
 from mabl.world_model import LatentState  # noqa: E402
@@ -58,10 +58,8 @@ def measure(checkpoint: str, episodes: int) -> dict:
         lengths.append(st.length)
         wins += bool(st.won)
         T = len(ep["obs"])  # reset step + one per action
-        first = torch.zeros(T, 1, dtype=torch.bool)
-        first[0] = True
+        post, logits = episode_posterior(learner, ep)
         with learner.autocast():
-            post, logits, _ = model.observe(*(torch.as_tensor(ep[k])[:, None] for k in ("obs", "state", "prev_action")), first)
             if ep["cont"][-1] == 0:  # a terminal step: what the heads say from the posterior and from prior samples
                 f32 = lambda st: st.map(lambda x: x[-1:].float())  # noqa: E731
                 heads = model.heads(f32(post))

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from learning_curve import FINAL_SEED  # noqa: E402
+from learning_curve import FINAL_SEED, episode_posterior  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.train import load_for_eval, run_episode  # noqa: E402
 
@@ -51,12 +51,8 @@ def posterior_returns(learner, episodes: list[dict]) -> np.ndarray:
     observation): the reward head's accuracy on that behaviour, without the learned dynamics."""
     out = []
     for ep in episodes:
-        T = len(ep["obs"])
-        first = torch.zeros(T, 1, dtype=torch.bool)
-        first[0] = True
+        post, _ = episode_posterior(learner, ep)
         with learner.autocast():
-            post, _, _ = learner.model.observe(torch.as_tensor(ep["obs"])[:, None], torch.as_tensor(ep["state"])[:, None],
-                                               torch.as_tensor(ep["prev_action"])[:, None], first)
             reward = learner.model.heads(post)["reward"].float().mean(-1)[:, 0]
         out.append(float(reward[1:].sum()))
     return np.asarray(out)

@@ -140,6 +140,16 @@ def commit() -> str:
         return "unknown"
 
 
+def episode_posterior(learner, ep: dict):
+    """Posterior states of one recorded episode (a :func:`mabl.train.run_episode` buffer dict) as a batch of
+    one: ``(post, logits)`` of ``model.observe`` (``post`` ``[T, 1, N, ...]``), under the learner's autocast."""
+    first = torch.zeros(len(ep["obs"]), 1, dtype=torch.bool)
+    first[0] = True
+    with learner.autocast():
+        post, logits, _ = learner.model.observe(*(torch.as_tensor(ep[k])[:, None] for k in ("obs", "state", "prev_action")), first)
+    return post, logits
+
+
 def diagnosis_main(argv, doc: str, script: str, measure, table, default_episodes: int, title: str, what: str, write) -> int:
     """The command line shared by the checkpoint diagnoses (``reward_by_agent.py``, ``imagined_by_step.py``):
     ``CHECKPOINT... [--episodes N] [--write NAME [--note TEXT]]``; prints ``table(rows)`` and one JSON line of the

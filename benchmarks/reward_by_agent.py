@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from learning_curve import FINAL_SEED, diagnosis_main, write_section  # noqa: E402
+from learning_curve import FINAL_SEED, diagnosis_main, episode_posterior, write_section  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.errors import ConfigError  # noqa: E402
 from mabl.train import load_for_eval, run_episode  # noqa: E402
@@ -58,11 +58,8 @@ def measure(checkpoint: str, episodes: int) -> dict:
     for k in range(episodes):
         ep, st = run_episode(env, learner.policy, FINAL_SEED + k, True, torch.device("cpu"))
         T = len(ep["obs"])
-        first = torch.zeros(T, 1, dtype=torch.bool)
-        first[0] = True
+        post, _ = episode_posterior(learner, ep)
         with learner.autocast():
-            post, _, _ = learner.model.observe(torch.as_tensor(ep["obs"])[:, None], torch.as_tensor(ep["state"])[:, None],
-                                               torch.as_tensor(ep["prev_action"])[:, None], first)
             pred = learner.model.heads(post)["reward"].float()[:, 0].numpy()  # [T, N]
         real = ep["reward"].mean(-1)  # the team reward for arriving at t (same for every agent)
         alive = alive_mask(ep["state"], n, n_units)

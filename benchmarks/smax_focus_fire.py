@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from learning_curve import FINAL_SEED, diagnosis_main, write_section  # noqa: E402
+from learning_curve import FINAL_SEED, diagnosis_main, episode_posterior, write_section  # noqa: E402
 from smax_scripted import N_MOVE, ObsLayout  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.errors import ConfigError  # noqa: E402
@@ -102,7 +102,7 @@ def measure(checkpoint: str, episodes: int) -> dict:
                 health = layout.parse(ts.obs[i])[3][targets]
                 if targets.size < 2 or np.ptp(health) <= 1e-6:
                     continue
-                best = weakest_target(layout, ts.obs[i], targets)
+                best = int(targets[np.argmin(health)])
                 decoder_right.append(weakest_target(layout, decoded[i], targets) == best)
                 if act[i] >= N_MOVE:
                     on_weakest.append(act[i] - N_MOVE == best)
@@ -111,10 +111,8 @@ def measure(checkpoint: str, episodes: int) -> dict:
     p_weakest, adv_weakest, adv_other = [], [], []
     for e in range(episodes):
         ep, _ = run_episode(env, policy, FINAL_SEED + e, False, cpu)
-        first = torch.zeros(len(ep["obs"]), 1, dtype=torch.bool)
-        first[0] = True
+        post, _ = episode_posterior(learner, ep)
         with learner.autocast():
-            post, _, _ = model.observe(*(torch.as_tensor(ep[k])[:, None] for k in ("obs", "state", "prev_action")), first)
             keep = torch.as_tensor(ep["cont"]) > 0
             traj = imagine(model, algo.actor, post.map(lambda x: x[:, 0][keep]), cfg.ppo.horizon)
             values = algo.critic(algo.critic_features(traj.feat_a, traj.feat_g)).float()

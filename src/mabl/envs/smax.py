@@ -268,8 +268,13 @@ def _compiled(task: str):
         damage = jnp.sum(jnp.where(alive_b, before.unit_health[n:] - after.unit_health[n:], 0.0))
         kills = jnp.sum((alive_b & ~alive_a).astype(jnp.float32))
         won = ~jnp.any(alive_a) & jnp.any(after.unit_alive[:n])
-        most = SMAC_DEATH_VALUE * (after.unit_alive.shape[0] - n) + SMAC_WIN_VALUE + jnp.sum(env.unit_type_health[after.unit_types[n:]])
-        return (damage + SMAC_DEATH_VALUE * kills + SMAC_WIN_VALUE * won.astype(jnp.float32)) / most
+        return (damage + SMAC_DEATH_VALUE * kills + SMAC_WIN_VALUE * won.astype(jnp.float32)) / smac_most
+
+    # the most an episode can earn under SMAC's reward (a per-map constant; JaxMARL keeps the scenario's
+    # unit types, allies then enemies, in env.scenario)
+    enemy_types = np.asarray(env.scenario)[n:]
+    smac_most = float(SMAC_DEATH_VALUE * len(enemy_types) + SMAC_WIN_VALUE
+                      + np.asarray(env.unit_type_health)[enemy_types].sum())
 
     def pack(key, env_state, obs, reward, limit, reward_smac=0.0):
         inner = env_state.state
