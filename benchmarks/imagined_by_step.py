@@ -70,7 +70,8 @@ def measure(checkpoint: str, episodes: int) -> dict:
                     zg = logits.get("zhat_g")
                     if zg is not None:
                         zg = model._sample(logits["prior_g"][-1:], True).float()
-                    pa = logits["prior_a"][-1:] if zg is None else model._agent_prior(post.h_a[-1:].float(), model._expand_g(zg))
+                    pa = logits["prior_a"][-1:] if zg is None else model._agent_prior(post.h_a[-1:].float(), model._expand_g(zg),
+                                                                                           model._expand_g(post.h_g[-1:].float()))
                     za = model._sample(pa, True).float()
                     hp = model.heads(LatentState(post.h_a[-1:].float(), za, None if zg is None else post.h_g[-1:].float(), zg))
                     cs.append(float(torch.sigmoid(hp["cont"].float()).mean())), rs.append(float(hp["reward"].float().mean()))

@@ -33,6 +33,7 @@ VARIANTS = [dict(), dict(bilevel=False), dict(single_global=True)]
 UNIMIX = [dict(unimix=0.01), dict(unimix=0.3, single_global=True)]  # the extension model.unimix, in every fused path
 PRIOR_HEADS = [dict(prior_heads=0.5, reward_input="agent+global"), dict(prior_heads=1.0, single_global=True),
                dict(prior_heads=1.0, bilevel=False)]  # the extension model.prior_heads
+PRIOR_H_G = [dict(agent_prior_input="zhat_g+h_g"), dict(agent_prior_input="zhat_g+h_g", single_global=True, prior_heads=0.5)]
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +86,9 @@ def _max_rel(a_list, b_list):
 # ------------------------------------------------------------------------------------------
 # (a) fused paths == plain paths in fp32
 
-@pytest.mark.parametrize("variant", VARIANTS + UNIMIX + PRIOR_HEADS,
+@pytest.mark.parametrize("variant", VARIANTS + UNIMIX + PRIOR_HEADS + PRIOR_H_G,
                          ids=["bilevel", "no-global", "single-global", "unimix", "unimix-single-global", "prior-heads",
-                              "prior-heads-single-global", "prior-heads-no-global"])
+                              "prior-heads-single-global", "prior-heads-no-global", "prior-h_g", "prior-h_g-single-global"])
 @pytest.mark.parametrize("flags", [dict(fused_recurrence=True), dict(fused_heads=True), dict(fused_kl=True),
                                    dict(fused_recurrence=True, fused_heads=True, fused_kl=True),
                                    dict(fused_recurrence=True, fused_heads=True, fused_kl=True, gather_onehot=True)],
@@ -125,7 +126,8 @@ def test_state_decoder_loss_and_gradients_match_plain_fp32(variant, flags):
     assert _max_rel(g0, g1) < 1e-4
 
 
-@pytest.mark.parametrize("variant", VARIANTS + UNIMIX, ids=["bilevel", "no-global", "single-global", "unimix", "unimix-single-global"])
+@pytest.mark.parametrize("variant", VARIANTS + UNIMIX + PRIOR_H_G, ids=["bilevel", "no-global", "single-global", "unimix",
+                                                                   "unimix-single-global", "prior-h_g", "prior-h_g-single-global"])
 def test_fused_observe_matches_plain_posteriors_and_carry(variant):
     model, _ = _model(**variant)
     b = _batch()
@@ -145,8 +147,9 @@ def test_fused_observe_matches_plain_posteriors_and_carry(variant):
 
 
 @pytest.mark.parametrize("gather", [False, True], ids=["matmul", "gather"])
-@pytest.mark.parametrize("variant", VARIANTS + [dict(reward_input="agent+global")] + UNIMIX,
-                         ids=["bilevel", "no-global", "single-global", "reward-global", "unimix", "unimix-single-global"])
+@pytest.mark.parametrize("variant", VARIANTS + [dict(reward_input="agent+global")] + UNIMIX + PRIOR_H_G,
+                         ids=["bilevel", "no-global", "single-global", "reward-global", "unimix", "unimix-single-global",
+                              "prior-h_g", "prior-h_g-single-global"])
 def test_fused_imagination_matches_plain(variant, gather):
     """Fused first layers + availability reused: the same trajectory from the same random stream."""
     model, cfg = _model(**variant)

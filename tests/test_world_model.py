@@ -197,6 +197,45 @@ def test_reward_input_agent_global_reads_the_global_level():
         tiny(reward_input="global")
 
 
+def test_agent_prior_input_h_g_lets_teammates_actions_reach_the_agent_prior():
+    """``model.agent_prior_input``: with "zhat_g" (the paper) and the sample ẑ^g held fixed, agent i's prior
+    p(ẑ^a | h^a, ẑ^g) after an imagined step does not depend on its teammates' actions (they reach it only
+    through ẑ^g); with "zhat_g+h_g" it does, through h^g, which saw the joint action. Other modules start
+    from the same weights either way; the posterior is unchanged; without a global level it is an error."""
+    torch.manual_seed(5)
+    plain = BiLevelWorldModel(SPEC, tiny().model)
+    torch.manual_seed(5)
+    m = BiLevelWorldModel(SPEC, tiny(agent_prior_input="zhat_g+h_g").model)
+    sd, sd_plain = m.state_dict(), plain.state_dict()
+    assert set(sd) - set(sd_plain) == {"agent_prior.0.parts.2.weight"}
+    for k, v in sd_plain.items():
+        assert torch.equal(sd[k], v), k
+    b = batch()
+    with torch.no_grad():
+        post, _, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
+        post_plain, _, _ = plain.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
+        torch.manual_seed(0)
+        ref = plain.observe(b["obs"], b["state"], b["prev_action"], b["is_first"], sample=False)[1]["post_a"]
+        torch.manual_seed(0)
+        assert torch.equal(m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"], sample=False)[1]["post_a"], ref)
+        st = post.map(lambda x: x[-1])  # [B, N, ...]
+        a1 = torch.nn.functional.one_hot(torch.tensor([0, 1, 2]), SPEC.action_dim).float().expand(2, -1, -1)
+        a2 = a1.clone()
+        a2[:, 1:] = torch.nn.functional.one_hot(torch.tensor([4, 4]), SPEC.action_dim).float()  # teammates differ
+        for model, follows in ((plain, False), (m, True)):
+            h_a = model.agent_gru(torch.relu(model.agent_in(st.z_a, a1)), st.h_a)
+            hg = [model.global_gru(torch.relu(model.global_in(st.z_g, model.joint_action(a))), st.h_g) for a in (a1, a2)]
+            h_a2 = model.agent_gru(torch.relu(model.agent_in(st.z_a, a2)), st.h_a)
+            assert torch.equal(h_a[:, 0], h_a2[:, 0])  # agent 0's h^a: its own action only
+            zg = st.z_g  # the same ẑ^g sample in both cases
+            p1, p2 = (model._agent_prior(h_a[:, :1], zg[:, :1], h[:, :1]) for h in hg)
+            assert torch.allclose(p1, p2) != follows
+    with pytest.raises(ConfigError, match="agent_prior_input"):
+        tiny(agent_prior_input="zhat_g+h_g", bilevel=False)
+    with pytest.raises(ConfigError, match="agent_prior_input"):
+        tiny(agent_prior_input="h_g")
+
+
 def test_unimix_mixes_every_latent_distribution():
     """``model.unimix`` (extension): each categorical is (1-u) softmax + u/K, by hand; u = 0 leaves the logits
     untouched; the model's posteriors and priors of both levels, and the decentralized policy's posterior,

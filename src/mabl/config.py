@@ -49,6 +49,12 @@ class WorldModelConfig:
     # agent predicts the same r_t, but an agent whose own observation no longer shows the battle (e.g. a dead
     # SMAX unit, observation all zeros) cannot predict it from the agent level alone; the global level sees s_t.
     reward_input: str = "agent"
+    # Input of the agent prior: "zhat_g" = p(ẑ^a | h^a, ẑ^g), the paper's; "zhat_g+h_g" (extension) = also the
+    # agent's global recurrent state h^g, which has seen the joint action. In the paper's form the teammates'
+    # actions reach agent i's imagined observation only through the sampled ẑ^g; on SMAX 3m agent i then
+    # imagines almost none of its teammates' shots on a shared target (benchmarks/smax_shared_target.py).
+    # Only the prior changes: the posterior, the actor's input and decentralized execution stay as they are.
+    agent_prior_input: str = "zhat_g"
     # Extension, not in the paper (DreamerV3's "unimix"): every latent categorical, posteriors and priors
     # of both levels, is the mixture (1 - unimix) softmax(logits) + unimix / n_classes; its samples, KL
     # terms and straight-through gradients all use the mixed distribution. 0 = the paper (no mixing).
@@ -282,6 +288,7 @@ _CHOICES = {
     ("model", "obs_loss"): ("mse", "smooth_l1"),
     ("model", "reward_loss"): ("mse", "smooth_l1"),
     ("model", "reward_input"): ("agent", "agent+global"),
+    ("model", "agent_prior_input"): ("zhat_g", "zhat_g+h_g"),
     ("ppo", "critic_input"): ("global+agent", "global", "agent"),
 }
 _POSITIVE = {
@@ -353,6 +360,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.state_decoder needs model.bilevel=true (it decodes s_t from the global level)")
     if cfg.model.reward_input == "agent+global" and not cfg.model.bilevel:
         raise ConfigError("model.reward_input='agent+global' needs model.bilevel=true (there is no global level without it)")
+    if cfg.model.agent_prior_input == "zhat_g+h_g" and not cfg.model.bilevel:
+        raise ConfigError("model.agent_prior_input='zhat_g+h_g' needs model.bilevel=true (there is no global level without it)")
     if cfg.model.single_global and not cfg.model.bilevel:
         raise ConfigError("model.single_global needs model.bilevel=true (it ablates the global level)")
     return cfg

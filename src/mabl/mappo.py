@@ -186,7 +186,12 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
         fl.add("actor", actor.net[0].bias, {"fa": actor.net[0].weight})
         # the transition: next inputs, GRU recurrent parts, priors
         fl.add("in_a", ain.parts[0].bias, {"z_a": ain.parts[0].weight})
-        fl.add("prior_a", ap.parts[0].bias, {"h_a": ap.parts[0].weight, "z_g": ap.parts[1].weight} if bil else {"h_a": ap.parts[0].weight})
+        prior_a = {"h_a": ap.parts[0].weight}
+        if bil:
+            prior_a["z_g"] = ap.parts[1].weight
+        if model.prior_h_g:  # WorldModelConfig.agent_prior_input="zhat_g+h_g"
+            prior_a["h_g"] = ap.parts[2].weight
+        fl.add("prior_a", ap.parts[0].bias, prior_a)
         fl.add("gru_a", None, {"h_a": ag.weight[:, H:]})
         if bil:
             gin, gg, gp = model.global_in, model.global_gru.lin, model.global_prior
@@ -252,7 +257,7 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
                 z_g = model._sample(model._mix(mlp_tail(model.global_prior, fl.out("prior_g", p_hg), c)), True, dt)
                 ig = ids(z_g)
                 p_zg = proj("z_g", z_g, ig)
-            z_a = model._sample(model._mix(mlp_tail(model.agent_prior, fl.out("prior_a", p_ha, p_zg), c)), True, dt)
+            z_a = model._sample(model._mix(mlp_tail(model.agent_prior, fl.out("prior_a", p_ha, p_zg, p_hg), c)), True, dt)
             ia = ids(z_a)
             if t < horizon - 1:
                 p_za = proj("z_a", z_a, ia)

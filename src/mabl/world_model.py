@@ -150,6 +150,13 @@ class BiLevelWorldModel(nn.Module):
                 wide.weight[:, : self.feat_a].copy_(first.weight)
                 wide.bias.copy_(first.bias)
             self.reward_head[0] = wide
+        # extension (WorldModelConfig.agent_prior_input="zhat_g+h_g"): the agent prior's first layer also reads
+        # h^g; its new columns are drawn last, so every other module starts from the same weights either way
+        self.prior_h_g = self.bilevel and cfg.agent_prior_input == "zhat_g+h_g"
+        if self.prior_h_g:
+            first = self.agent_prior[0]
+            first.parts.append(nn.Linear(D, H, bias=False))
+            first.in_dims.append(D)
 
     # -- carries ---------------------------------------------------------------------------
     @property
@@ -234,7 +241,7 @@ class BiLevelWorldModel(nn.Module):
             logits["post_g"] = torch.stack(ls_g)
             logits["prior_g"] = self._mix(self.global_prior(post.h_g))
             logits["zhat_g"] = self._sample(logits["prior_g"], sample)  # the ẑ^g the agent prior is conditioned on
-            logits["prior_a"] = self._agent_prior(post.h_a, self._expand_g(logits["zhat_g"]))
+            logits["prior_a"] = self._agent_prior(post.h_a, self._expand_g(logits["zhat_g"]), self._expand_g(post.h_g))
         else:
             logits["prior_a"] = self._agent_prior(post.h_a)
         return post, logits, LatentState(h_a, z_a, h_g, z_g)
@@ -280,10 +287,15 @@ class BiLevelWorldModel(nn.Module):
         mixture (:func:`unimix_logits`), else ``logits`` itself."""
         return unimix_logits(logits, self.cfg.n_classes, self.cfg.unimix)
 
-    def _agent_prior(self, h_a: torch.Tensor, zhat_g: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of p(ẑ^a | h^a, ẑ^g) (top-down; without the global level p(ẑ^a | h^a))."""
+    def _agent_prior(self, h_a: torch.Tensor, zhat_g: torch.Tensor | None = None, h_g: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of p(ẑ^a | h^a, ẑ^g) (top-down; without the global level p(ẑ^a | h^a); with
+        ``agent_prior_input="zhat_g+h_g"`` p(ẑ^a | h^a, ẑ^g, h^g), where ``h_g`` is the agent's global state)."""
         if zhat_g is None:
             return self._mix(self.agent_prior(h_a))
+        if self.prior_h_g:
+            if h_g is None:
+                raise ValueError("agent_prior_input='zhat_g+h_g': the agent prior needs h^g")
+            return self._mix(self.agent_prior[2](F.relu(self.agent_prior[0](h_a, zhat_g, h_g))))
         return self._mix(self.agent_prior[2](F.relu(self.agent_prior[0](h_a, zhat_g))))
 
     def _sample(self, logits: torch.Tensor, sample: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -306,7 +318,7 @@ class BiLevelWorldModel(nn.Module):
             return LatentState(h_a, z_a)
         h_g = self.global_gru(F.relu(self.global_in(st.z_g, self.joint_action(action))), st.h_g)
         z_g = self._sample(self._mix(self.global_prior(h_g)), True)
-        z_a = self._sample(self._agent_prior(h_a, self._expand_g(z_g)), True)
+        z_a = self._sample(self._agent_prior(h_a, self._expand_g(z_g), self._expand_g(h_g)), True)
         return LatentState(h_a, z_a, h_g, z_g)
 
     # -- heads ------------------------------------------------------------------------------
@@ -546,6 +558,8 @@ class BiLevelWorldModel(nn.Module):
                 else:
                     z_part = F.linear(zhat_g, c(ap.parts[1].weight))
                 pre = F.linear(post.h_a.to(dt), c(ap.parts[0].weight), c(ap.parts[0].bias)) + z_part
+                if self.prior_h_g:
+                    pre = pre + F.linear(self._expand_g(post.h_g).to(dt), c(ap.parts[2].weight))
                 logits["prior_a"] = self._mix(mlp_tail(self.agent_prior, pre, dt))
             else:
                 ap = self.agent_prior[0]
