@@ -222,3 +222,23 @@ def test_smax_focus_fire_measures_target_choice(tmp_path, capsys, monkeypatch):
                     checked += 1
             ts = env.step(act.numpy())
     assert checked > 0
+
+
+def test_smax_shared_target_measures_teammates_shots_in_imagination(tmp_path, capsys, monkeypatch):
+    sst = load_script("smax_shared_target")
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "run_dir": str(run)},
+                                          "model": {"agent_prior_input": "zhat_g+h_g"}}))
+    monkeypatch.setattr(sst, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
+    assert sst.main([str(run), "--episodes", "4", "--write", "test"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    real, count = row["real_drop"], row["real_count"]
+    assert count["0"] > 0 and real["0"] == 0.0  # SMAX enemies do not heal: no attacker, no loss of health
+    for m in ("1", "2", "3"):  # every attack that lands takes health
+        assert count[m] == 0 or real[m] > 0, m
+    if count["1"] and count["2"]:
+        assert real["2"] > real["1"]
+    assert row["imagined_count"] > 0  # the tiny policy attacks: some steps have an enemy in range of two agents
+    assert all(np.isfinite(v) for v in row["imagined_drop"].values())
+    text = (tmp_path / "section.md").read_text()
+    assert text.startswith("diagnosis:test") and "teammate - none" in text
