@@ -79,7 +79,8 @@ def measure(checkpoint: str, episodes: int) -> dict:
         ts_ = torch.as_tensor([t for t, _ in starts])
         st = post.map(lambda x: x[ts_, 0].repeat_interleave(SAMPLES, 0))  # [S*SAMPLES, N, ...]
         with learner.autocast():
-            before = model.obs_decoder(torch.cat([st.z_a, st.h_a], -1)).float().numpy()
+            # the posterior start is the same in all SAMPLES rows: decoded once per start
+            before = model.obs_decoder(torch.cat([st.z_a[::SAMPLES], st.h_a[::SAMPLES]], -1)).float().numpy()
         for case in CASES:
             for i in range(n):
                 act = torch.full((len(starts), n), STOP, dtype=torch.long)
@@ -103,7 +104,7 @@ def measure(checkpoint: str, episodes: int) -> dict:
                     if not keep[s]:
                         continue
                     rows = slice(s * SAMPLES, (s + 1) * SAMPLES)
-                    h0 = np.mean([layout.parse(b)[3][k] for b in before[rows, i]])
+                    h0 = layout.parse(before[s, i])[3][k]
                     h1 = np.mean([layout.parse(a)[3][k] for a in after[rows, i]])
                     imag[case].append(h0 - h1)
     mean = lambda x: float(np.mean(x)) if len(x) else float("nan")  # noqa: E731
@@ -113,7 +114,9 @@ def measure(checkpoint: str, episodes: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| checkpoint | env steps | real drop by attackers 0 / 1 / 2 / 3 | imagined drop: none / own / teammate / all "
+    n = max(len(r["real_drop"]) for r in rows) - 1
+    attackers = " / ".join(str(m) for m in range(n + 1))
+    out = [f"| checkpoint | env steps | real drop by attackers {attackers} | imagined drop: none / own / teammate / all "
            "(starts) | imagined own - none | imagined teammate - none |", "|---|---:|---|---|---:|---:|"]
     for r in rows:
         re_, im = r["real_drop"], r["imagined_drop"]
