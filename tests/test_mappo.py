@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
+import pytest
 import torch
 
 from mabl.config import make_config
@@ -133,6 +135,56 @@ def test_no_bootstrap_ends_return_at_horizon():
         _, ret, _ = MAPPO._advantages(SimpleNamespace(cfg=cfg), traj, values)
         expect = 1 + g + g**2 + g**3 * tail  # λ=1: the discounted sum from step 0
         assert torch.allclose(ret[0], torch.full((M, N), expect))
+
+
+def test_return_range_scale_against_hand_computation():
+    """advantage_norm="return_range": A / max(floor, S), S the EMA of P95 - P5 of the returns; the first
+    batch sets S, later ones move it by (1 - decay); small advantages stay small (no standardization)."""
+    from types import SimpleNamespace
+
+    from mabl.config import PPOConfig
+    from mabl.mappo import MAPPO, Imagined, return_range_ema
+
+    H, M, N = 1, 101, 1
+    reward = torch.arange(M, dtype=torch.float32).view(H, M, N) * 0.1  # returns 0.0, 0.1, ..., 10.0
+    traj = Imagined(feat_a=torch.zeros(H + 1, M, N, 1), feat_g=None, raw=torch.zeros(H, M, N, dtype=torch.long),
+                    logp=torch.zeros(H, M, N), avail=None, reward=reward, cont=torch.ones(H, M, N))
+    values = torch.zeros(H + 1, M, N)
+    cfg = PPOConfig(advantage_norm="return_range", return_range_decay=0.9, bootstrap=False, team_reward=False)
+    ctx = SimpleNamespace(cfg=cfg, return_range=None)
+    adv, ret, _ = MAPPO._advantages(ctx, traj, values)
+    assert ctx.return_range == pytest.approx(9.0, abs=1e-4)  # P95 - P5 of 0..10 in steps of 0.1
+    assert torch.allclose(adv, ret / 9.0, atol=1e-5)
+    adv2, _, _ = MAPPO._advantages(ctx, dataclasses.replace(traj, reward=reward * 0.01), values)  # spread 0.09
+    assert ctx.return_range == pytest.approx(0.9 * 9.0 + 0.1 * 0.09, abs=1e-4)
+    assert return_range_ema(torch.arange(101.0) * 0.001, None, 0.9) == pytest.approx(0.09, abs=1e-5)
+    # below the floor the advantages are not scaled up: model noise stays noise-sized
+    ctx.return_range = None
+    adv3, ret3, _ = MAPPO._advantages(ctx, dataclasses.replace(traj, reward=reward * 0.01), values)
+    assert torch.allclose(adv3, ret3) and float(adv3.abs().max()) < 0.11
+    # MAPPO's default standardizes the same small batch to unit scale
+    adv4, _, _ = MAPPO._advantages(SimpleNamespace(cfg=PPOConfig(bootstrap=False, team_reward=False)), dataclasses.replace(traj, reward=reward * 0.01), values)
+    assert float(adv4.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_return_range_survives_a_checkpoint_and_bad_values_are_rejected():
+    from mabl.config import ConfigError
+    from mabl.learner import MABLLearner
+
+    cfg = make_config("tiny", "smax:3m", {"ppo": {"advantage_norm": "return_range"}})
+    a = MABLLearner(SPEC, cfg)
+    a.algo.return_range = 3.25
+    b = MABLLearner(SPEC, cfg)
+    b.algo.load_state_dict(a.algo.state_dict())
+    assert b.algo.return_range == 3.25
+    fresh = a.algo.state_dict()
+    del fresh["return_range"]  # a checkpoint written before the option
+    b.algo.load_state_dict(fresh)
+    assert b.algo.return_range is None
+    with pytest.raises(ConfigError, match="advantage_norm.*batch_std.*return_range"):
+        make_config("tiny", "smax:3m", {"ppo": {"advantage_norm": "percentile"}})
+    with pytest.raises(ConfigError, match="return_range_decay"):
+        make_config("tiny", "smax:3m", {"ppo": {"return_range_decay": 1.5}})
 
 
 def test_presets_bootstrap_and_update_schedule():

@@ -91,6 +91,15 @@ class PPOConfig:
     critic_input: str = "global+agent"  # "global+agent" | "global" (Flatland, App. B.1) | "agent"
     attention_heads: int = 4
     normalize_advantage: bool = True
+    # How advantages are scaled when normalize_advantage is on:
+    # "batch_std" (MAPPO): (A - mean) / std over each imagined batch;
+    # "return_range" (DreamerV3's return normalization): A / max(floor, S), S an exponential moving
+    # average (decay return_range_decay) of the P95 - P5 range of the batch's imagined returns. It keeps
+    # advantages that differ only by model noise small once the policy is nearly deterministic, where
+    # per-batch standardization blows them up to full-size policy gradients.
+    advantage_norm: str = "batch_std"
+    return_range_decay: float = 0.99
+    return_range_floor: float = 1.0
     # Bootstrap the imagined return with the critic's value of the last imagined state (the paper).
     # False ends every imagined return at the horizon: with an undertrained world model the critic's
     # "being alive is worth V" at s_H rewards imagined survival (e.g. fleeing in SMAX) over reward.
@@ -290,6 +299,7 @@ _CHOICES = {
     ("model", "reward_input"): ("agent", "agent+global"),
     ("model", "agent_prior_input"): ("zhat_g", "zhat_g+h_g"),
     ("ppo", "critic_input"): ("global+agent", "global", "agent"),
+    ("ppo", "advantage_norm"): ("batch_std", "return_range"),
 }
 _POSITIVE = {
     "model": ("hidden", "layers", "deter", "embed", "n_categoricals", "n_classes", "batch_size", "seq_len", "capacity",
@@ -299,7 +309,7 @@ _POSITIVE = {
 }
 _POSITIVE_FLOAT = {
     "model": ("lr", "grad_clip"),
-    "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip"),
+    "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip", "return_range_floor"),
 }
 _NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy",), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
@@ -350,7 +360,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key run.env_options must be a JSON object, got {cfg.run.env_options!r}") from None
     if not 0.0 <= cfg.model.unimix < 1.0:
         raise ConfigError(f"config key model.unimix must be in [0, 1), got {cfg.model.unimix!r}")
-    for sec, key in (("model", "kl_balance"), ("model", "recent_fraction"), ("ppo", "gamma"), ("ppo", "gae_lambda"), ("run", "explore")):
+    for sec, key in (("model", "kl_balance"), ("model", "recent_fraction"), ("ppo", "gamma"), ("ppo", "gae_lambda"),
+                     ("ppo", "return_range_decay"), ("run", "explore")):
         val = getattr(getattr(cfg, sec), key)
         if not 0.0 <= val <= 1.0:
             raise ConfigError(f"config key {sec}.{key} must be in [0, 1], got {val!r}")

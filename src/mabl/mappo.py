@@ -44,6 +44,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, cont: torch.Tensor, gamma: 
     return adv, adv + values[:-1]
 
 
+def return_range_ema(returns: torch.Tensor, previous: float | None, decay: float) -> float:
+    """DreamerV3's return scale: EMA of the 95th minus the 5th percentile of the batch's returns.
+
+    The first batch sets the average (no bias towards 0); the advantage is then A / max(floor, S).
+    """
+    r = returns.detach().float().flatten()
+    spread = float(torch.quantile(r, 0.95) - torch.quantile(r, 0.05))
+    return spread if previous is None else decay * previous + (1.0 - decay) * spread
+
+
 def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
     """Per-sample clipped surrogate -min(ρA, clip(ρ)A)."""
     ratio = (logp - logp_old).exp()
@@ -298,6 +308,7 @@ class MAPPO(nn.Module):
         self.actor_opt = fused_adam(self.actor.parameters(), cfg.actor_lr, fused)
         self.critic_opt = fused_adam(self.critic.parameters(), cfg.critic_lr, fused)
         self.entropy_coef = cfg.entropy
+        self.return_range: float | None = None  # EMA of the imagined returns' P95 - P5 (advantage_norm="return_range")
         self._stoch = model.stoch  # width of a one-hot latent (the first columns of fa and fg)
         self.timings: dict[str, float] = {}
         self._compiled = None
@@ -311,13 +322,16 @@ class MAPPO(nn.Module):
 
     def state_dict(self, *args, **kwargs):  # networks + optimizers + schedule
         return {"nets": super().state_dict(), "actor_opt": self.actor_opt.state_dict(),
-                "critic_opt": self.critic_opt.state_dict(), "entropy_coef": torch.tensor(self.entropy_coef)}
+                "critic_opt": self.critic_opt.state_dict(), "entropy_coef": torch.tensor(self.entropy_coef),
+                "return_range": torch.tensor(float("nan") if self.return_range is None else self.return_range)}
 
     def load_state_dict(self, state, strict: bool = True):
         super().load_state_dict(state["nets"], strict=strict)
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.entropy_coef = float(state["entropy_coef"])
+        rr = float(state.get("return_range", float("nan")))  # absent in checkpoints written before the option
+        self.return_range = None if rr != rr else rr
 
     def train_round(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:
         """One imagination round + ``epochs`` PPO epochs (Table 3: one of the 4 'updates').
@@ -365,6 +379,8 @@ class MAPPO(nn.Module):
         out = {k: v / n for k, v in stats.items()}
         out.update(imag_reward=float(traj.reward.mean()), imag_cont=float(traj.cont.mean()),
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
+        if self.return_range is not None:
+            out["return_range"] = self.return_range
         return out
 
     def _advantages(self, traj: Imagined, values: torch.Tensor):
@@ -374,7 +390,10 @@ class MAPPO(nn.Module):
         if not cfg.bootstrap:  # the return ends at the horizon: V(s_H) = 0
             values = torch.cat([values[:-1], torch.zeros_like(values[-1:])], 0)
         adv, ret = gae(reward, values, traj.cont, cfg.gamma, cfg.gae_lambda)
-        if cfg.normalize_advantage:
+        if cfg.normalize_advantage and cfg.advantage_norm == "return_range":
+            self.return_range = return_range_ema(ret, self.return_range, cfg.return_range_decay)
+            adv = adv / max(cfg.return_range_floor, self.return_range)
+        elif cfg.normalize_advantage:
             adv = (adv - adv.mean()) / (adv.std() + 1e-6)
         return adv, ret, reach_weights(traj.cont)
 
@@ -443,6 +462,8 @@ class MAPPO(nn.Module):
         out = {k: v / n for k, v in stats.items()}
         out.update(imag_reward=float(traj.reward.mean()), imag_cont=float(traj.cont.mean()),
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
+        if self.return_range is not None:
+            out["return_range"] = self.return_range
         return out
 
     def _loss_fns(self, sp):
