@@ -50,7 +50,8 @@ def return_range_ema(returns: torch.Tensor, previous: float | None, decay: float
     The first batch sets the average (no bias towards 0); the advantage is then A / max(floor, S).
     """
     r = returns.detach().float().flatten()
-    spread = float(torch.quantile(r, 0.95) - torch.quantile(r, 0.05))
+    lo, hi = torch.quantile(r, torch.tensor([0.05, 0.95], device=r.device)).tolist()  # one sort for both
+    spread = hi - lo
     return spread if previous is None else decay * previous + (1.0 - decay) * spread
 
 
@@ -321,17 +322,19 @@ class MAPPO(nn.Module):
         return torch.cat([fa, fg], -1)
 
     def state_dict(self, *args, **kwargs):  # networks + optimizers + schedule
-        return {"nets": super().state_dict(), "actor_opt": self.actor_opt.state_dict(),
-                "critic_opt": self.critic_opt.state_dict(), "entropy_coef": torch.tensor(self.entropy_coef),
-                "return_range": torch.tensor(float("nan") if self.return_range is None else self.return_range)}
+        state = {"nets": super().state_dict(), "actor_opt": self.actor_opt.state_dict(),
+                 "critic_opt": self.critic_opt.state_dict(), "entropy_coef": torch.tensor(self.entropy_coef)}
+        if self.return_range is not None:  # absent until the first return-range batch
+            state["return_range"] = torch.tensor(self.return_range)
+        return state
 
     def load_state_dict(self, state, strict: bool = True):
         super().load_state_dict(state["nets"], strict=strict)
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.entropy_coef = float(state["entropy_coef"])
-        rr = float(state.get("return_range", float("nan")))  # absent in checkpoints written before the option
-        self.return_range = None if rr != rr else rr
+        rr = state.get("return_range")  # absent before the first return-range batch and in older checkpoints
+        self.return_range = None if rr is None else float(rr)
 
     def train_round(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:
         """One imagination round + ``epochs`` PPO epochs (Table 3: one of the 4 'updates').
