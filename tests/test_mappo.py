@@ -223,3 +223,58 @@ def test_imagination_never_starts_from_a_terminal_state():
     assert torch.allclose(starts.h_a.float(), kept.float(), atol=1e-5)
     batch["cont"] = torch.ones(T, B)
     assert learner.starts(batch).h_a.shape[:2] == (T * B, n)
+
+
+def test_adapt_entropy_coef_by_hand():
+    import math
+
+    from mabl.mappo import ENTROPY_COEF_RANGE, adapt_entropy_coef
+
+    assert adapt_entropy_coef(0.01, 0.5, 0.0, 0.03, 0.99) == pytest.approx(0.0099)  # off: the paper's annealing
+    up = adapt_entropy_coef(0.01, 0.02, 0.12, 0.5, 0.99)  # too deterministic: the bonus grows
+    assert up == pytest.approx(0.01 * math.exp(0.5 * 0.10))
+    down = adapt_entropy_coef(0.01, 0.40, 0.12, 0.5, 0.99)  # too random: it shrinks
+    assert down == pytest.approx(0.01 * math.exp(-0.5 * 0.28))
+    assert adapt_entropy_coef(0.9, 0.0, 5.0, 10.0, 1.0) == ENTROPY_COEF_RANGE[1]
+    assert adapt_entropy_coef(2e-5, 9.0, 0.1, 10.0, 1.0) == ENTROPY_COEF_RANGE[0]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_entropy_target_steers_the_coefficient_by_the_weighted_minibatch_entropy(fast):
+    """With ppo.entropy_target the coefficient follows the controller, fed the minibatch entropy
+    weighted by the reach weights; replayed by hand from the actor's own entropies."""
+    import math
+
+    from mabl.fast import Speed
+
+    target, lr = 5.0, 0.5  # above any 5-action entropy (log 5 = 1.61): the coefficient must grow every step
+    cfg, model, algo, start = _setup(entropy_target=target, entropy_target_lr=lr, epochs=2)
+    if fast:
+        model.speed = Speed(fast_critic=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen = []
+    orig = algo._next_entropy_coef
+
+    def spy(ent, w):
+        seen.append((float((w * ent.detach().float()).sum() / w.sum()), algo.entropy_coef))
+        orig(ent, w)
+
+    algo._next_entropy_coef = spy
+    stats = algo.train_round(model, start, contextlib.nullcontext)
+    assert len(seen) >= 2
+    coef = cfg.ppo.entropy
+    for ent, before in seen:
+        assert before == pytest.approx(coef)
+        assert 0.0 <= ent <= math.log(5) + 1e-5
+        coef = min(1.0, coef * math.exp(lr * (target - ent)))
+    assert stats["entropy_coef"] == pytest.approx(coef) and coef > cfg.ppo.entropy
+
+
+def test_entropy_target_config_errors():
+    from mabl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="entropy_target"):
+        make_config("tiny", "smax:3m", {"ppo": {"entropy_target": -0.1}})
+    with pytest.raises(ConfigError, match="ppo.entropy must be > 0"):
+        make_config("tiny", "smax:3m", {"ppo": {"entropy_target": 0.1, "entropy": 0.0}})

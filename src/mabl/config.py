@@ -84,6 +84,12 @@ class PPOConfig:
     clip: float = 0.2
     entropy: float = 0.001
     entropy_annealing: float = 0.99998
+    # Extension, not in the paper: > 0 replaces the annealing by a controller that keeps the policy's
+    # entropy on imagined states (mean per agent and step, weighted like the loss) near this many nats:
+    # after every actor step log(coef) += entropy_target_lr * (entropy_target - entropy), coef kept in
+    # [1e-5, 1]. ``entropy`` is then only the starting coefficient. 0 = the paper (fixed, annealed coef).
+    entropy_target: float = 0.0
+    entropy_target_lr: float = 0.03
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
     epochs: int = 5  # Table 3 'Epochs per update'
     minibatch: int = 2000  # Table 3 'Batch size' (imagined joint states per gradient step)
@@ -312,7 +318,7 @@ _POSITIVE_FLOAT = {
     "model": ("lr", "grad_clip"),
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip", "return_range_floor"),
 }
-_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy",), "run": ("min_buffer", "threads", "train_every_steps")}
+_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy", "entropy_target", "entropy_target_lr"), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
 _AT_MOST = {
     ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,
@@ -349,6 +355,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key {sec}.{key} must be at most {hi}, got {val!r}")
     if cfg.run.seed < 0:
         raise ConfigError(f"config key run.seed must be >= 0, got {cfg.run.seed!r}")
+    if cfg.ppo.entropy_target > 0 and cfg.ppo.entropy == 0:
+        raise ConfigError("config key ppo.entropy must be > 0 when ppo.entropy_target is set (it is the controller's starting coefficient)")
     if not 0.0 < cfg.ppo.entropy_annealing <= 1.0:
         raise ConfigError(f"config key ppo.entropy_annealing must be in (0, 1], got {cfg.ppo.entropy_annealing!r}")
     if not _DEVICE.match(cfg.run.device):

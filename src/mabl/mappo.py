@@ -6,6 +6,7 @@ The algorithm sits behind :class:`Algorithm` so another MARL method can be plugg
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,6 +54,22 @@ def return_range_ema(returns: torch.Tensor, previous: float | None, decay: float
     lo, hi = torch.quantile(r, torch.tensor([0.05, 0.95], device=r.device)).tolist()  # one sort for both
     spread = hi - lo
     return spread if previous is None else decay * previous + (1.0 - decay) * spread
+
+
+ENTROPY_COEF_RANGE = (1e-5, 1.0)
+
+
+def adapt_entropy_coef(coef: float, entropy: float, target: float, lr: float, annealing: float) -> float:
+    """The entropy coefficient after one actor step.
+
+    ``target <= 0`` (the paper): ``coef * annealing``. Otherwise a controller on the policy's entropy:
+    ``log(coef) += lr * (target - entropy)``, kept in :data:`ENTROPY_COEF_RANGE`, so the bonus grows
+    while the policy is more deterministic than ``target`` nats and shrinks while it is more random.
+    """
+    if target <= 0:
+        return coef * annealing
+    lo, hi = ENTROPY_COEF_RANGE
+    return min(hi, max(lo, coef * math.exp(lr * (target - entropy))))
 
 
 def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
@@ -369,7 +386,7 @@ class MAPPO(nn.Module):
                     pg = ppo_clip_loss(logp, logp_old[idx], adv[idx], cfg.clip)
                     actor_loss = (w * (pg - self.entropy_coef * ent)).mean()
                 self._step(self.actor_opt, self.actor, actor_loss, guard, "actor_loss")
-                self.entropy_coef *= cfg.entropy_annealing
+                self._next_entropy_coef(ent, w)
                 with autocast():
                     v = self.critic(c_in[idx])
                     critic_loss = (w * 0.5 * (v - ret[idx]) ** 2).mean()
@@ -450,10 +467,10 @@ class MAPPO(nn.Module):
                 g_mb = None if fg_k is None else fg_k.index_select(0, idx)
                 ia_mb, ig_mb = sel(ia_k, idx), sel(ig_k, idx)
                 with no_autocast(dev):
-                    actor_loss, ent = actor_fn(a_mb, raw[idx], None if avail is None else avail[idx], logp_old[idx], adv[idx], w,
-                                               self.entropy_coef, ia_mb)
+                    actor_loss, ent, ent_w = actor_fn(a_mb, raw[idx], None if avail is None else avail[idx], logp_old[idx], adv[idx],
+                                                      w, self.entropy_coef, ia_mb)
                 self._step(self.actor_opt, self.actor, actor_loss, guard, "actor_loss")
-                self.entropy_coef *= cfg.entropy_annealing
+                self._next_entropy_coef(ent_w, w)
                 with no_autocast(dev):
                     critic_loss = critic_fn(parts(a_mb, g_mb), ret[idx], w, None if ia_mb is None else onehot(ia_mb, ig_mb))
                 self._step(self.critic_opt, self.critic, critic_loss, guard, "critic_loss")
@@ -481,7 +498,7 @@ class MAPPO(nn.Module):
                 out = mlp_tail(self.actor.net, split_linear(fa, first.weight.to(dt), first.bias.to(dt), idx, self._stoch), dt)
             logp, ent = self.actor.log_prob_entropy_from_params(*self.actor.params_from_out(out, avail), raw)
             pg = ppo_clip_loss(logp, logp_old, adv, cfg.clip)
-            return (w * (pg - ent_coef * ent)).mean(), ent.detach().mean()
+            return (w * (pg - ent_coef * ent)).mean(), ent.detach().mean(), ent.detach()
 
         def critic_loss(xs, ret, w, onehot=None):
             v = self.critic.forward_split(xs, dt, onehot)
@@ -492,6 +509,17 @@ class MAPPO(nn.Module):
         if self._compiled is None:
             self._compiled = (torch.compile(actor_loss, dynamic=False), torch.compile(critic_loss, dynamic=False))
         return self._compiled
+
+    def _next_entropy_coef(self, ent: torch.Tensor, w: torch.Tensor) -> None:
+        """After an actor step: anneal the coefficient, or (``ppo.entropy_target``) steer it by the
+        minibatch's entropy, weighted like the loss (states reached before imagined termination)."""
+        cfg = self.cfg
+        mean_ent = 0.0
+        if cfg.entropy_target > 0:
+            ent, w = ent.detach().float(), w.float()
+            mean_ent = float((w * ent).sum() / w.sum().clamp_min(1e-8))
+        self.entropy_coef = adapt_entropy_coef(self.entropy_coef, mean_ent, cfg.entropy_target, cfg.entropy_target_lr,
+                                               cfg.entropy_annealing)
 
     def _step(self, opt, net, loss, guard, name):
         opt.zero_grad(set_to_none=True)
