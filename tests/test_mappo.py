@@ -228,15 +228,15 @@ def test_imagination_never_starts_from_a_terminal_state():
 def test_adapt_entropy_coef_by_hand():
     import math
 
-    from mabl.mappo import ENTROPY_COEF_RANGE, adapt_entropy_coef
+    from mabl.mappo import ENTROPY_COEF_MAX, adapt_entropy_coef
 
-    assert adapt_entropy_coef(0.01, 0.5, 0.0, 0.03, 0.99) == pytest.approx(0.0099)  # off: the paper's annealing
-    up = adapt_entropy_coef(0.01, 0.02, 0.12, 0.5, 0.99)  # too deterministic: the bonus grows
+    assert adapt_entropy_coef(0.01, 0.5, 0.0, 0.03, 0.99, 0.01) == pytest.approx(0.0099)  # off: the paper's annealing
+    up = adapt_entropy_coef(0.01, 0.02, 0.12, 0.5, 0.99, 0.001)  # too deterministic: the bonus grows
     assert up == pytest.approx(0.01 * math.exp(0.5 * 0.10))
-    down = adapt_entropy_coef(0.01, 0.40, 0.12, 0.5, 0.99)  # too random: it shrinks
+    down = adapt_entropy_coef(0.01, 0.40, 0.12, 0.5, 0.99, 0.001)  # too random: it shrinks
     assert down == pytest.approx(0.01 * math.exp(-0.5 * 0.28))
-    assert adapt_entropy_coef(0.9, 0.0, 5.0, 10.0, 1.0) == ENTROPY_COEF_RANGE[1]
-    assert adapt_entropy_coef(2e-5, 9.0, 0.1, 10.0, 1.0) == ENTROPY_COEF_RANGE[0]
+    assert adapt_entropy_coef(0.011, 1.6, 0.12, 0.5, 0.99, 0.01) == 0.01  # never below the floor (ppo.entropy)
+    assert adapt_entropy_coef(0.9, 0.0, 5.0, 10.0, 1.0, 0.01) == ENTROPY_COEF_MAX
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -263,7 +263,7 @@ def test_entropy_target_steers_the_coefficient_by_the_weighted_minibatch_entropy
     algo._next_entropy_coef = spy
     stats = algo.train_round(model, start, contextlib.nullcontext)
     assert len(seen) >= 2
-    coef = cfg.ppo.entropy
+    coef = cfg.ppo.entropy  # the starting coefficient
     for ent, before in seen:
         assert before == pytest.approx(coef)
         assert 0.0 <= ent <= math.log(5) + 1e-5

@@ -87,7 +87,8 @@ class PPOConfig:
     # Extension, not in the paper: > 0 replaces the annealing by a controller that keeps the policy's
     # entropy on imagined states (mean per agent and step, weighted like the loss) near this many nats:
     # after every actor step log(coef) += entropy_target_lr * (entropy_target - entropy), coef kept in
-    # [1e-5, 1]. ``entropy`` is then only the starting coefficient. 0 = the paper (fixed, annealed coef).
+    # [entropy, 1]: ``entropy`` is then the starting and the smallest coefficient (no annealing).
+    # 0 = the paper (fixed coefficient, annealed).
     entropy_target: float = 0.0
     entropy_target_lr: float = 0.03
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
@@ -356,7 +357,7 @@ def validate(cfg: Config) -> Config:
     if cfg.run.seed < 0:
         raise ConfigError(f"config key run.seed must be >= 0, got {cfg.run.seed!r}")
     if cfg.ppo.entropy_target > 0 and cfg.ppo.entropy == 0:
-        raise ConfigError("config key ppo.entropy must be > 0 when ppo.entropy_target is set (it is the controller's starting coefficient)")
+        raise ConfigError("config key ppo.entropy must be > 0 when ppo.entropy_target is set (it is the controller's starting and smallest coefficient)")
     if not 0.0 < cfg.ppo.entropy_annealing <= 1.0:
         raise ConfigError(f"config key ppo.entropy_annealing must be in (0, 1], got {cfg.ppo.entropy_annealing!r}")
     if not _DEVICE.match(cfg.run.device):

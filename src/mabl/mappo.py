@@ -56,20 +56,21 @@ def return_range_ema(returns: torch.Tensor, previous: float | None, decay: float
     return spread if previous is None else decay * previous + (1.0 - decay) * spread
 
 
-ENTROPY_COEF_RANGE = (1e-5, 1.0)
+ENTROPY_COEF_MAX = 1.0
 
 
-def adapt_entropy_coef(coef: float, entropy: float, target: float, lr: float, annealing: float) -> float:
+def adapt_entropy_coef(coef: float, entropy: float, target: float, lr: float, annealing: float, floor: float) -> float:
     """The entropy coefficient after one actor step.
 
     ``target <= 0`` (the paper): ``coef * annealing``. Otherwise a controller on the policy's entropy:
-    ``log(coef) += lr * (target - entropy)``, kept in :data:`ENTROPY_COEF_RANGE`, so the bonus grows
-    while the policy is more deterministic than ``target`` nats and shrinks while it is more random.
+    ``log(coef) += lr * (target - entropy)``, kept in ``[floor, ENTROPY_COEF_MAX]``, so the bonus grows
+    while the policy is more deterministic than ``target`` nats and shrinks back toward ``floor``
+    (``ppo.entropy``) while it is more random. The floor keeps the near-uniform policy of the first
+    updates from winding the coefficient down to nothing before the entropy ever falls below target.
     """
     if target <= 0:
         return coef * annealing
-    lo, hi = ENTROPY_COEF_RANGE
-    return min(hi, max(lo, coef * math.exp(lr * (target - entropy))))
+    return min(ENTROPY_COEF_MAX, max(floor, coef * math.exp(lr * (target - entropy))))
 
 
 def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
@@ -519,7 +520,7 @@ class MAPPO(nn.Module):
             ent, w = ent.detach().float(), w.float()
             mean_ent = float((w * ent).sum() / w.sum().clamp_min(1e-8))
         self.entropy_coef = adapt_entropy_coef(self.entropy_coef, mean_ent, cfg.entropy_target, cfg.entropy_target_lr,
-                                               cfg.entropy_annealing)
+                                               cfg.entropy_annealing, cfg.entropy)
 
     def _step(self, opt, net, loss, guard, name):
         opt.zero_grad(set_to_none=True)
