@@ -468,16 +468,16 @@ class MAPPO(nn.Module):
                 g_mb = None if fg_k is None else fg_k.index_select(0, idx)
                 ia_mb, ig_mb = sel(ia_k, idx), sel(ig_k, idx)
                 with no_autocast(dev):
-                    actor_loss, ent, ent_w = actor_fn(a_mb, raw[idx], None if avail is None else avail[idx], logp_old[idx], adv[idx],
-                                                      w, self.entropy_coef, ia_mb)
+                    actor_loss, ent = actor_fn(a_mb, raw[idx], None if avail is None else avail[idx], logp_old[idx], adv[idx], w,
+                                               self.entropy_coef, ia_mb)
                 self._step(self.actor_opt, self.actor, actor_loss, guard, "actor_loss")
-                self._next_entropy_coef(ent_w, w)
+                self._next_entropy_coef(ent, w)
                 with no_autocast(dev):
                     critic_loss = critic_fn(parts(a_mb, g_mb), ret[idx], w, None if ia_mb is None else onehot(ia_mb, ig_mb))
                 self._step(self.critic_opt, self.critic, critic_loss, guard, "critic_loss")
                 stats["actor_loss"] += float(actor_loss.detach())
                 stats["critic_loss"] += float(critic_loss.detach())
-                stats["entropy"] += float(ent)
+                stats["entropy"] += float(ent.mean())
                 stats["n"] += 1
         n = max(stats.pop("n"), 1)
         out = {k: v / n for k, v in stats.items()}
@@ -499,7 +499,7 @@ class MAPPO(nn.Module):
                 out = mlp_tail(self.actor.net, split_linear(fa, first.weight.to(dt), first.bias.to(dt), idx, self._stoch), dt)
             logp, ent = self.actor.log_prob_entropy_from_params(*self.actor.params_from_out(out, avail), raw)
             pg = ppo_clip_loss(logp, logp_old, adv, cfg.clip)
-            return (w * (pg - ent_coef * ent)).mean(), ent.detach().mean(), ent.detach()
+            return (w * (pg - ent_coef * ent)).mean(), ent.detach()
 
         def critic_loss(xs, ret, w, onehot=None):
             v = self.critic.forward_split(xs, dt, onehot)
