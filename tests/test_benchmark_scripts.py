@@ -242,3 +242,25 @@ def test_smax_shared_target_measures_teammates_shots_in_imagination(tmp_path, ca
     assert all(np.isfinite(v) for v in row["imagined_drop"].values())
     text = (tmp_path / "section.md").read_text()
     assert text.startswith("diagnosis:test") and "teammate - none" in text
+
+
+def test_weight_averaging_compares_last_and_averaged_checkpoints(tmp_path, capsys, monkeypatch):
+    wa = load_script("weight_averaging")
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 120, "checkpoint_every": 30, "keep_checkpoints": 10,
+                                                    "run_dir": str(run)}}))
+    monkeypatch.setattr(wa, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
+    assert wa.main([str(run), "--start", "30", "--every", "30", "--windows", "2", "--episodes", "2",
+                    "--fresh-episodes", "2", "--write", "test"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    steps = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("ckpt_*.pt"))
+    rows = out["rows"]
+    # one row per checkpoint here (one per 30 steps); "last" is that checkpoint, avg2 it and the one before
+    assert [r["upto"] for r in rows] == steps
+    assert all(r["last_steps"] == [r["upto"]] * 2 for r in rows)
+    assert [r["avg2_steps"] for r in rows] == [[steps[0], steps[0]]] + [[a, b] for a, b in zip(steps, steps[1:])]
+    assert all(0.0 <= r[c] <= 1.0 for r in rows for c in ("last", "avg2"))
+    assert set(out["fresh"]) == {"last:final", "last:best", "avg2:final", "avg2:best"}
+    assert out["fresh"]["avg2:final"]["steps"] == steps[-2:]
+    text = (tmp_path / "section.md").read_text()
+    assert text.startswith("diagnosis:test") and "weight_averaging.py" in text and "| `avg2:final` |" in text

@@ -526,3 +526,60 @@ def tiny_config_json(run: Path) -> str:
 
     cfg = make_config("tiny", "smax:3m", {"run": {"steps": 40, "run_dir": str(run), "threads": 1, "progress": False}})
     return cfg.to_json()
+
+
+# ------------------------------------------------------------------------------------------
+# mabl eval --average: policy weights averaged over a run's checkpoints
+
+def test_weight_averaging_is_the_mean_of_the_checkpoints(reference):
+    from mabl.errors import ConfigError
+    from mabl.train import load_averaged, load_for_eval
+
+    ckpts = list_checkpoints(reference / "checkpoints")
+    steps = [int(p.stem.split("_")[1]) for p in ckpts]
+    assert len(ckpts) == 3
+    _, avg, newest, used = load_averaged(reference, 2)
+    assert sorted(used) == steps[-2:] and newest["_path"] == str(ckpts[-1])
+    _, a, _ = load_for_eval(ckpts[-1])
+    _, b, _ = load_for_eval(ckpts[-2])
+    assert any(not torch.equal(pa, pb) for pa, pb in zip(a.policy.parameters(), b.policy.parameters()))
+    for pa, pb, pm in zip(a.policy.parameters(), b.policy.parameters(), avg.policy.parameters()):
+        torch.testing.assert_close(pm, (pa + pb) / 2, rtol=0, atol=1e-7)
+    # everything that does not act at run time (global level, heads, critic) is the newest checkpoint's
+    acting = {id(p) for p in avg.policy.parameters()}
+    rest_avg = [p for p in [*avg.model.parameters(), *avg.algo.parameters()] if id(p) not in acting]
+    acting_a = {id(p) for p in a.policy.parameters()}
+    rest_a = [p for p in [*a.model.parameters(), *a.algo.parameters()] if id(p) not in acting_a]
+    assert len(rest_avg) == len(rest_a) > 0 and all(torch.equal(x, y) for x, y in zip(rest_avg, rest_a))
+
+    # upto: only checkpoints at or below that step; fewer than asked averages those there are
+    _, early, _, used = load_averaged(reference, 5, upto=steps[1])
+    assert sorted(used) == steps[:2]
+    _, c, _ = load_for_eval(ckpts[0])
+    for pb, pc, pm in zip(b.policy.parameters(), c.policy.parameters(), early.policy.parameters()):
+        torch.testing.assert_close(pm, (pb + pc) / 2, rtol=0, atol=1e-7)
+
+    # part="actor": the actor averaged over all three, the encoder and posterior the newest's
+    _, act, _, _ = load_averaged(reference, 3, part="actor")
+    for pm, *ps in zip(act.algo.actor.parameters(), a.algo.actor.parameters(), b.algo.actor.parameters(),
+                       c.algo.actor.parameters()):
+        torch.testing.assert_close(pm, sum(ps) / 3, rtol=0, atol=1e-7)
+    assert all(torch.equal(x, y) for x, y in zip(act.policy.obs_encoder.parameters(), a.policy.obs_encoder.parameters()))
+
+    with pytest.raises(ConfigError, match="int >= 1"):
+        load_averaged(reference, 0)
+    with pytest.raises(ConfigError, match="accepted: policy, actor"):
+        load_averaged(reference, 2, part="critic")
+
+
+def test_eval_average_cli(reference, tmp_path, capsys):
+    assert main(["eval", str(reference), "--episodes", "2", "--average", "3"]) == 0
+    human, js = capsys.readouterr().out.strip().splitlines()[-2:]
+    res = json.loads(js)
+    steps = [int(p.stem.split("_")[1]) for p in list_checkpoints(reference / "checkpoints")]
+    assert res["averaged"] == {"part": "policy", "env_steps": steps} and "averaged over 3 checkpoints" in human
+    assert main(["eval", str(reference), "--average", "-2"]) == 2
+    assert "--average must be >= 1" in one_error_line(capsys.readouterr().err)
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(tmp_path / "empty"), "--average", "2"]) == 2
+    assert "no checkpoints to average" in one_error_line(capsys.readouterr().err)

@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the greedy action")
     e.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--env-options", default=None, help="JSON dict of env options (default: the run's)")
+    e.add_argument("--average", type=int, default=0, metavar="K",
+                   help="evaluate the uniform average of the policy weights of the run's newest K checkpoints "
+                        "(stochastic weight averaging; keep them with --set run.keep_checkpoints=K)")
+    e.add_argument("--average-part", default="policy", choices=("policy", "actor"),
+                   help="what --average averages: every decentralized-policy module (default) or the actor alone")
 
     sub.add_parser("envs", help="list environment suites and tasks")
     c = sub.add_parser("config", help="print the resolved config as JSON")
@@ -163,7 +168,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from mabl.envs import make_env
-    from mabl.train import evaluate, load_for_eval
+    from mabl.train import evaluate, load_averaged, load_for_eval
 
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be > 0, got {args.episodes}")
@@ -177,7 +182,13 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"--env-options is not a JSON object: {e}") from None
         if not isinstance(options, dict):
             raise ConfigError(f"--env-options must be a JSON object, got {args.env_options!r}")
-    cfg, learner, state = load_for_eval(args.checkpoint, args.device)
+    if args.average < 0:
+        raise ConfigError(f"--average must be >= 1 (0: off), got {args.average}")
+    averaged: list[int] = []
+    if args.average:
+        cfg, learner, state, averaged = load_averaged(args.checkpoint, args.average, args.device, args.average_part)
+    else:
+        cfg, learner, state = load_for_eval(args.checkpoint, args.device)
     if options is None:
         options = dict(cfg.run.env_options)
     try:
@@ -191,6 +202,8 @@ def cmd_eval(args) -> int:
                    deterministic=not args.stochastic, with_ci=True)
     res = {"checkpoint": state["_path"], "env": cfg.run.env, "env_steps": int(state["counters"]["env_steps"]),
            "episodes": args.episodes, **{k: _finite(v) for k, v in res.items()}}
+    if averaged:
+        res["averaged"] = {"part": args.average_part, "env_steps": sorted(averaged)}
     print(_human(res))
     print(json.dumps(res))
     return 0
@@ -208,6 +221,10 @@ def _human(res: dict) -> str:
         return "n/a" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"
 
     parts = [f"{res['env']} @ {res['env_steps']} env steps, {res['episodes']} episodes:"]
+    if res.get("averaged"):
+        steps = res["averaged"]["env_steps"]
+        parts[0] = (f"{res['env']}, {res['averaged']['part']} weights averaged over {len(steps)} checkpoints "
+                    f"({steps[0]}-{steps[-1]} env steps), {res['episodes']} episodes:")
     if "win_rate" in res:
         parts.append(f"win rate {res['win_rate']:.3f} (95% Wilson CI {ci('win_rate_ci95')})")
     parts.append(f"return {res['return']:.3f} ± {res.get('return_std') or 0.0:.3f} sd (95% t CI {ci('return_ci95')})")

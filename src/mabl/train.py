@@ -42,11 +42,11 @@ import torch
 
 from mabl.agent import DecentralizedPolicy
 from mabl.buffer import ReplayBuffer
-from mabl.checkpoint import (atomic_write_text, list_checkpoints, load_buffer, load_checkpoint, load_latest, save_best,
+from mabl.checkpoint import (atomic_write_text, checkpoint_candidates, list_checkpoints, load_buffer, load_checkpoint, load_latest, save_best,
                              peek_checkpoint, remove_stale_temporaries, save_buffer, save_checkpoint)
 from mabl.config import Config, check_env_name, config_from_dict, config_differences
 from mabl.envs.base import MultiAgentEnv
-from mabl.errors import CheckpointError, ConfigError, DivergenceError, warn
+from mabl.errors import CheckpointError, ConfigError, CorruptCheckpointError, DivergenceError, warn
 from mabl.learner import MABLLearner, resolve_device
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation episodes never share a seed with training episodes
@@ -694,9 +694,6 @@ def check_run_dir(run_dir: Path) -> None:
 
 def newest_readable_checkpoint(run_dir: Path) -> dict | None:
     """The small parts of the newest checkpoint that opens (no tensors read), or None."""
-    from mabl.checkpoint import checkpoint_candidates
-    from mabl.errors import CorruptCheckpointError
-
     for cand in reversed(checkpoint_candidates(run_dir)):
         try:
             return peek_checkpoint(cand)
@@ -753,3 +750,66 @@ def load_for_eval(path: str | Path, device: str = "cpu") -> tuple[Config, MABLLe
         raise CheckpointError(f"checkpoint {state['_path']!r} has weights that do not fit its config "
                               f"({str(e).splitlines()[0][:200]})") from None
     return cfg, learner, state
+
+
+AVERAGE_PARTS = ("policy", "actor")
+
+
+def average_policy(learners: list[MABLLearner], part: str = "policy") -> MABLLearner:
+    """Stochastic weight averaging (Izmailov et al., 2018) of a run's decentralized policy.
+
+    The first learner's ``part`` parameters become the uniform mean of that part over all
+    ``learners`` (checkpoints of one run); everything else stays the first learner's. ``part``:
+    ``"policy"`` = every module of :class:`mabl.agent.DecentralizedPolicy` (observation encoder,
+    agent recurrent model, agent posterior, actor), the networks that act at run time;
+    ``"actor"`` = the actor alone, on the first learner's encoder and posterior.
+    Returns the first learner, changed in place.
+    """
+    if part not in AVERAGE_PARTS:
+        raise ConfigError(f"unknown part to average {part!r}; accepted: {', '.join(AVERAGE_PARTS)}")
+    if not learners:
+        raise ConfigError("no checkpoints to average")
+    pick = (lambda ln: ln.policy) if part == "policy" else (lambda ln: ln.algo.actor)  # noqa: E731
+    target = [p for p in pick(learners[0]).parameters()]
+    with torch.no_grad():
+        total = [p.detach().clone().double() for p in target]
+        for other in learners[1:]:
+            for acc, p in zip(total, pick(other).parameters()):
+                acc += p.detach().double()
+        for p, acc in zip(target, total):
+            p.copy_((acc / len(learners)).to(p.dtype))
+    return learners[0]
+
+
+def load_averaged(path: str | Path, last: int, device: str = "cpu", part: str = "policy",
+                  upto: int | None = None) -> tuple[Config, MABLLearner, dict, list[int]]:
+    """A run's ``last`` newest checkpoints (those at or below ``upto`` env steps when given), their
+    policies averaged by :func:`average_policy`. Returns ``(cfg, learner, newest state, env steps of
+    the checkpoints averaged)``. The checkpoints must come from one run (same config beyond the keys
+    a resume may change); an unreadable one is skipped with a warning."""
+    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+        raise ConfigError(f"the number of checkpoints to average must be an int >= 1, got {last!r}")
+    cands = checkpoint_candidates(path)
+    if not cands:
+        raise CheckpointError(f"no checkpoints to average in {str(path)!r} (a run directory or its checkpoints/)")
+    if upto is not None:
+        cands = [c for c in cands if int(c.stem.split("_")[1]) <= upto]
+        if not cands:
+            raise CheckpointError(f"no checkpoint at or below {upto} env steps in {str(path)!r}")
+    loaded: list[tuple[Config, MABLLearner, dict]] = []
+    for cand in reversed(cands):
+        if len(loaded) == last:
+            break
+        try:
+            loaded.append(load_for_eval(cand, device))
+        except CorruptCheckpointError as e:
+            warn(f"{e}; not averaged")
+    if not loaded:
+        raise CheckpointError(f"no readable checkpoint to average in {str(path)!r}")
+    if len(loaded) < last:
+        warn(f"{str(path)!r} holds {len(loaded)} readable checkpoint(s), fewer than the {last} asked; averaging those")
+    cfg, _, newest = loaded[0]
+    for _, _, st in loaded[1:]:
+        check_config(st, cfg)
+    learner = average_policy([ln for _, ln, _ in loaded], part)
+    return cfg, learner, newest, [int(st["counters"]["env_steps"]) for _, _, st in loaded]
