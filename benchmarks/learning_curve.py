@@ -69,13 +69,16 @@ def final_comparison(run_dir: Path, episodes: int, seed: int, policy_seed: int) 
     cfg, learner, state = load_for_eval(run_dir, "cpu")
     env = make_env(cfg.run.env, seed=seed, **cfg.run.env_options)
     out: dict = {"episodes": episodes, "seed": seed, "checkpoint_env_steps": int(state["counters"]["env_steps"])}
-    policies = {"greedy": (learner.policy, True), "sampled": (learner.policy, False),
+    # run.policy_ema: the averaged weights are the run's policy; the live ones get their own row
+    policies = {"greedy": (learner.eval_policy, True), "sampled": (learner.eval_policy, False),
                 "random": (RandomPolicy(env.spec, policy_seed), False)}
+    if learner.policy_ema is not None:
+        policies["live greedy"] = (learner.policy, True)
     best_path = Path(run_dir) / BEST_NAME  # run.keep_best: the learner of the best periodic evaluation
     try:
         if best_path.exists():
             _, best_learner, best_state = load_for_eval(best_path, "cpu")
-            policies["best greedy"] = (best_learner.policy, True)
+            policies["best greedy"] = (best_learner.eval_policy, True)
             out["best_env_steps"] = int(best_state["counters"]["env_steps"])
     except CheckpointError as e:  # a damaged best.pt costs its row, not the report
         print(f"warning: {e}; the report has no best.pt row", file=sys.stderr)
@@ -111,6 +114,9 @@ def comparison_lines(cmp: dict) -> str:
     head = (f"- final checkpoint ({cmp['checkpoint_env_steps']:,} env steps) against the random policy on the same "
             f"{cmp['episodes']} fresh episode seeds ({cmp['seed']}...; 95% intervals):")
     lines = [head] + [fmt(n, cmp[n]) for n in ("greedy", "sampled", "random")]
+    if "live greedy" in cmp:  # run.policy_ema: the rows above are the averaged weights
+        lines[0] += " (`run.policy_ema`: the averaged weights; `live greedy`: the weights as trained)"
+        lines.append(fmt("live greedy", cmp["live greedy"]))
     if "best greedy" in cmp:
         lines.append(f"- the checkpoint of the best periodic evaluation (`best.pt`, {cmp['best_env_steps']:,} env steps; chosen on the "
                      f"evaluation seeds, tested here on the fresh ones):\n" + fmt("greedy", cmp["best greedy"]))

@@ -223,3 +223,71 @@ def test_best_checkpoint_follows_the_best_evaluation(tmp_path, monkeypatch, caps
     # off: no file
     train(tiny_cfg(tmp_path / "off", steps=80, eval_every=40, checkpoint_every=10**9, keep_best=False))
     assert not (tmp_path / "off" / "run" / "best.pt").exists()
+
+
+def test_policy_ema_is_the_evaluated_policy(tmp_path, capsys):
+    """run.policy_ema: an exponential moving average of the acting networks' weights, updated after every
+    learner update, is what periodic evaluation, best.pt and `mabl eval` use; the live weights are logged
+    beside it, survive in the checkpoint, and `mabl eval --live` reads them."""
+    import torch
+
+    from mabl.envs import make_env
+    from mabl.learner import MABLLearner
+    from mabl.train import load_for_eval
+
+    # the update rule by hand: decay min(x, (1 + n) / (10 + n)) at the n-th call, only the acting networks
+    env = make_env("smax:3m", seed=0)
+    ln = MABLLearner(env.spec, make_config("tiny", "smax:3m", {"run": {"policy_ema": 0.15}}))
+    assert ln.eval_policy is ln.policy_ema and ln.policy_ema is not ln.policy
+    assert all(torch.equal(e, p) for e, p in zip(ln.policy_ema.parameters(), ln.policy.parameters()))
+    assert not any(e.requires_grad for e in ln.policy_ema.parameters())
+    ema = [p.detach().clone() for p in ln.policy.parameters()]
+    for n, decay in enumerate([0.1, 0.15, 0.15]):  # 1/10, then min(0.15, 2/11 = 0.18), min(0.15, 3/12)
+        with torch.no_grad():
+            for p in ln.policy.parameters():
+                p.add_(torch.randn_like(p))
+        ln.update_policy_ema()
+        ema = [decay * e + (1 - decay) * p.detach() for e, p in zip(ema, ln.policy.parameters())]
+        for e, got in zip(ema, ln.policy_ema.parameters()):
+            torch.testing.assert_close(got, e)
+    assert ln.ema_updates == 3
+    critic = [p.detach().clone() for p in ln.algo.critic.parameters()]
+    ln.update_policy_ema()
+    assert all(torch.equal(a, b) for a, b in zip(critic, ln.algo.critic.parameters()))
+    assert MABLLearner(env.spec, make_config("tiny", "smax:3m")).eval_policy is not None  # off: the live policy
+
+    # a run: eval.csv holds the averaged policy's figures and the live ones as live_*
+    cfg = tiny_cfg(tmp_path, steps=160, eval_every=40, checkpoint_every=80, policy_ema=0.9)
+    train(cfg)
+    run = tmp_path / "run"
+    head = (run / "eval.csv").read_text().splitlines()[0].split(",")
+    assert {"win_rate", "return", "live_win_rate", "live_return"} <= set(head)
+    _, learner, state = load_for_eval(run)
+    assert int(state["learner"]["ema_updates"]) == learner.ema_updates == learner.updates > 1
+    assert any(not torch.equal(e, p) for e, p in zip(learner.policy_ema.parameters(), learner.policy.parameters()))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--episodes", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["weights"] == "policy_ema"
+    assert main(["eval", str(run), "--episodes", "1", "--live"]) == 0
+    assert "weights" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="run.policy_ema"):
+            make_config("tiny", "smax:3m", {"run": {"policy_ema": bad}})
+
+
+def test_policy_ema_resumes_exactly(tmp_path):
+    import torch
+
+    from mabl.train import load_for_eval
+
+    train(tiny_cfg(tmp_path / "a", steps=160, eval_every=80, checkpoint_every=80, policy_ema=0.9, threads=1))
+    train(tiny_cfg(tmp_path / "b", steps=80, eval_every=80, checkpoint_every=80, policy_ema=0.9, threads=1))
+    train(tiny_cfg(tmp_path / "b", steps=160, eval_every=80, checkpoint_every=80, policy_ema=0.9, threads=1))
+    _, a, sa = load_for_eval(tmp_path / "a" / "run")
+    _, b, sb = load_for_eval(tmp_path / "b" / "run")
+    assert sa["counters"]["env_steps"] == sb["counters"]["env_steps"] and a.ema_updates == b.ema_updates > 0
+    assert all(torch.equal(x, y) for x, y in zip(a.policy_ema.parameters(), b.policy_ema.parameters()))
+    assert (tmp_path / "a" / "run" / "eval.csv").read_text().splitlines()[1:] != []
+    rows = lambda p: [r.split(",", 2)[::2] for r in (p / "run" / "eval.csv").read_text().splitlines()]  # noqa: E731
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")  # every column but wall_s

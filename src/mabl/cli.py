@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--average", type=int, default=0, metavar="K",
                    help="evaluate the uniform average of the policy weights of the run's newest K checkpoints "
                         "(stochastic weight averaging; keep them with --set run.keep_checkpoints=K)")
+    e.add_argument("--live", action="store_true",
+                   help="a run with run.policy_ema: evaluate the live weights instead of the averaged ones")
     e.add_argument("--average-part", default="policy", choices=("policy", "actor"),
                    help="what --average averages: every decentralized-policy module (default) or the actor alone")
 
@@ -198,10 +200,14 @@ def cmd_eval(args) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    res = evaluate(env, learner.policy, args.episodes, args.seed, learner.device,
+    # --average averages the live weights of the checkpoints; run.policy_ema's average is the default otherwise
+    ema = learner.policy_ema is not None and not (args.live or args.average)
+    res = evaluate(env, learner.eval_policy if ema else learner.policy, args.episodes, args.seed, learner.device,
                    deterministic=not args.stochastic, with_ci=True)
     res = {"checkpoint": state["_path"], "env": cfg.run.env, "env_steps": int(state["counters"]["env_steps"]),
            "episodes": args.episodes, **{k: _finite(v) for k, v in res.items()}}
+    if ema:
+        res["weights"] = "policy_ema"
     if averaged:
         res["averaged"] = {"part": args.average_part, "env_steps": sorted(averaged)}
     print(_human(res))

@@ -143,6 +143,12 @@ class RunConfig:
     # after every evaluation that beats the best so far (win rate where the env reports one, else the
     # return), write <run_dir>/best.pt: the learner at that point, for ``mabl eval RUN/best.pt``
     keep_best: bool = True
+    # Extension, not in the paper (0 = off): > 0 keeps an exponential moving average of the decentralized
+    # policy's weights (observation encoder, agent recurrent model, agent posterior, actor) with this decay
+    # per learner update (the first updates debiased: decay min(x, (1 + n) / (10 + n)) at update n). The
+    # averaged policy is then the run's evaluation policy: periodic evaluation, eval.csv (the live weights'
+    # figures as live_*), best.pt and `mabl eval` use it; training episodes act with the live weights.
+    policy_ema: float = 0.0
     log_every: int = 1  # episodes between metric rows
     run_dir: str = ""  # default runs/<env>/<preset>/seed<seed>
     # Speed switches of the learner update (mabl.fast; none changes the math, all off = plain fp32 eager;
@@ -368,6 +374,8 @@ def validate(cfg: Config) -> Config:
         json.dumps(cfg.run.env_options)
     except (TypeError, ValueError):
         raise ConfigError(f"config key run.env_options must be a JSON object, got {cfg.run.env_options!r}") from None
+    if not 0.0 <= cfg.run.policy_ema < 1.0:
+        raise ConfigError(f"config key run.policy_ema must be in [0, 1), got {cfg.run.policy_ema!r}")
     if not 0.0 <= cfg.model.unimix < 1.0:
         raise ConfigError(f"config key model.unimix must be in [0, 1), got {cfg.model.unimix!r}")
     for sec, key in (("model", "kl_balance"), ("model", "recent_fraction"), ("ppo", "gamma"), ("ppo", "gae_lambda"),
@@ -498,7 +506,7 @@ def check_env_name(name: str) -> None:
 # run keys that define the data stream. The other run.* keys (budget, logging, checkpoints,
 # device, threads, speed switches such as bf16/compile/fused_*) may change on resume.
 RESUME_STRICT_RUN = frozenset({"run.env", "run.seed", "run.env_options", "run.min_buffer", "run.train_every",
-                               "run.train_every_steps"})
+                               "run.train_every_steps", "run.policy_ema"})
 
 
 def resume_safe(key: str) -> bool:

@@ -7,6 +7,7 @@ of imagination + policy optimisation from posterior states of freshly sampled se
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from typing import Callable
 
@@ -77,6 +78,11 @@ class MABLLearner:
         self.model_opt = fused_adam(self.model.parameters(), cfg.model.lr, self.speed.fused_adam)
         self.algo = (make_algorithm or MAPPO)(spec, self.model, cfg.ppo).to(self.device)
         self.policy = DecentralizedPolicy(self.model, self.algo.actor)
+        # run.policy_ema: an averaged copy of the acting networks (own parameters, never trained)
+        self.policy_ema: DecentralizedPolicy | None = None
+        self.ema_updates = 0
+        if cfg.run.policy_ema > 0:
+            self.policy_ema = copy.deepcopy(self.policy).requires_grad_(False)
         self.guard = NonFiniteGuard(cfg.run.skip_nonfinite)
         self.updates = 0
         self.timings: dict[str, float] = {}
@@ -151,19 +157,44 @@ class MABLLearner:
                 p.requires_grad_(True)
         t2 = time.perf_counter()
         self.updates += 1
+        self.update_policy_ema()
         # model_s: world-model steps; imagine_s: imagination starts + rollouts; policy_s: the rest
         # (values, GAE, PPO epochs); update_s = model_s + imagine_s + policy_s
         self.timings = {"model_s": t1 - t0, "imagine_s": t_imag, "policy_s": t2 - t1 - t_imag, "update_s": t2 - t0}
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         return metrics
 
+    @property
+    def eval_policy(self) -> DecentralizedPolicy:
+        """The policy a run evaluates and reports: the weight average with ``run.policy_ema``, else the live one."""
+        return self.policy_ema if self.policy_ema is not None else self.policy
+
+    @torch.no_grad()
+    def update_policy_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * live, decay = min(run.policy_ema, (1 + n) / (10 + n)) at the n-th call."""
+        if self.policy_ema is None:
+            return
+        n = self.ema_updates
+        decay = min(self.cfg.run.policy_ema, (1 + n) / (10 + n))
+        torch._foreach_lerp_(list(self.policy_ema.parameters()), list(self.policy.parameters()), 1.0 - decay)
+        self.ema_updates += 1
+
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "model_opt": self.model_opt.state_dict(),
-                "algo": self.algo.state_dict(), "updates": torch.tensor(self.updates)}
+        state = {"model": self.model.state_dict(), "model_opt": self.model_opt.state_dict(),
+                 "algo": self.algo.state_dict(), "updates": torch.tensor(self.updates)}
+        if self.policy_ema is not None:
+            state["policy_ema"] = self.policy_ema.state_dict()
+            state["ema_updates"] = torch.tensor(self.ema_updates)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.model_opt.load_state_dict(state["model_opt"])
         self.algo.load_state_dict(state["algo"])
         self.updates = int(state["updates"])
+        if self.policy_ema is not None:
+            if "policy_ema" not in state:
+                raise KeyError("policy_ema (run.policy_ema is set but the checkpoint holds no averaged policy)")
+            self.policy_ema.load_state_dict(state["policy_ema"])
+            self.ema_updates = int(state["ema_updates"])

@@ -600,9 +600,15 @@ class Trainer:
         torch_state = torch.get_rng_state()
         torch.manual_seed(self.cfg.run.seed + EVAL_SEED_OFFSET + self.env_steps)
         try:
-            res = evaluate(self.eval_env, self.learner.policy, self.cfg.run.eval_episodes,
+            res = evaluate(self.eval_env, self.learner.eval_policy, self.cfg.run.eval_episodes,
                            EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919, self.device,
                            deterministic=self.cfg.run.eval_greedy)
+            if self.learner.policy_ema is not None:  # run.policy_ema: the live weights on the same episodes
+                torch.manual_seed(self.cfg.run.seed + EVAL_SEED_OFFSET + self.env_steps)
+                live = evaluate(self.eval_env, self.learner.policy, self.cfg.run.eval_episodes,
+                                EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919, self.device,
+                                deterministic=self.cfg.run.eval_greedy)
+                res.update({f"live_{k}": v for k, v in live.items()})
         finally:
             torch.set_rng_state(torch_state)
         self.last_eval = res
