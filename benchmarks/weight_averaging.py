@@ -8,8 +8,8 @@ one training run) often lands nearer the middle of such an oscillation than any 
 For a run that kept a checkpoint every C env steps (``--set run.checkpoint_every=C --set
 run.keep_checkpoints=100``), this script takes past every multiple of ``--every`` env steps the first
 checkpoint t and evaluates that checkpoint ("last") and, for every window W of ``--windows``, the
-average of the W newest checkpoints up to t (``mabl.train.load_averaged``; ``--part policy``: every decentralized-policy
-module, ``actor``: the actor alone). All greedy, on the run's own periodic-evaluation seeds (so
+average of the W newest checkpoints up to t (the arithmetic of ``mabl eval --average``,
+``mabl.train.load_averaged``; ``--part policy``: every decentralized-policy module, ``actor``: the actor alone). All greedy, on the run's own periodic-evaluation seeds (so
 "best" is chosen as ``best.pt`` would be) and then, for the final step and each column's best step, on
 ``--fresh-episodes`` fresh seeds (those of ``learning_curve.py``'s final comparison). Nothing here
 changes training: the same run, read afterwards. Writes a ``diagnosis:NAME`` section into BENCHMARKS.md
@@ -32,11 +32,40 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
 from mabl.checkpoint import checkpoint_candidates  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
-from mabl.train import EVAL_SEED_OFFSET, evaluate, load_averaged  # noqa: E402
+from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval  # noqa: E402
 
 
-def ckpt_steps(run_dir: Path) -> list[int]:
-    return [int(p.stem.split("_")[1]) for p in checkpoint_candidates(run_dir)]
+def ckpt_paths(run_dir: Path) -> dict[int, Path]:
+    return {int(p.stem.split("_")[1]): p for p in checkpoint_candidates(run_dir)}
+
+
+class Averager:
+    """``mabl.train.load_averaged`` for many windows of one run: every checkpoint is read once and only its
+    acting networks' weights are kept; one learner acts with the average of a window (same arithmetic)."""
+
+    def __init__(self, paths: dict[int, Path], part: str):
+        self.paths, self.part, self.cache = paths, part, {}
+        self.cfg, self.host, _ = load_for_eval(paths[max(paths)])
+        actor = {id(p) for p in self.host.algo.actor.parameters()}
+        self.averaged = [part == "policy" or id(p) in actor for p in self.host.policy.parameters()]
+
+    def weights(self, step: int) -> list[torch.Tensor]:
+        if step not in self.cache:
+            _, learner, _ = load_for_eval(self.paths[step])
+            self.cache[step] = [p.detach().clone().double() for p in learner.policy.parameters()]
+        return self.cache[step]
+
+    def window(self, w: int, upto: int) -> list[int]:
+        return sorted(s for s in self.paths if s <= upto)[-w:]
+
+    @torch.no_grad()
+    def learner(self, steps: list[int]):
+        """The host learner acting with the mean of ``steps``' weights (``part`` = actor: the actor averaged,
+        the rest of the acting networks the newest checkpoint's, as ``load_averaged``)."""
+        ws = [self.weights(s) for s in steps]
+        for i, (p, avg) in enumerate(zip(self.host.policy.parameters(), self.averaged)):
+            p.copy_((sum(w[i] for w in ws) / len(ws) if avg else ws[-1][i]).to(p.dtype))
+        return self.host
 
 
 def score(env, learner, episodes: int, seed: int) -> dict:
@@ -56,11 +85,13 @@ def main(argv=None) -> int:
     p.add_argument("--write", metavar="NAME", help="write the table into BENCHMARKS.md as section diagnosis:NAME")
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
-    steps = ckpt_steps(args.run_dir)
-    if not steps:
+    paths = ckpt_paths(args.run_dir)
+    if not paths:
         raise SystemExit(f"error: no checkpoints in {str(args.run_dir)!r}")
+    steps = sorted(paths)
     cols = [("last", 1)] + [(f"avg{w}", w) for w in args.windows]
-    cfg, _, _, _ = load_averaged(args.run_dir, 1)
+    avg = Averager(paths, args.part)
+    cfg = avg.cfg
     env = make_env(cfg.run.env, seed=EVAL_SEED_OFFSET, **cfg.run.env_options)
     eval_seed = EVAL_SEED_OFFSET + cfg.run.seed * 7_919
     # every point: the first checkpoint at or after each multiple of --every (checkpoints land at episode ends)
@@ -69,8 +100,8 @@ def main(argv=None) -> int:
     for t in points:
         row = {"upto": t}
         for name, w in cols:
-            _, learner, _, used = load_averaged(args.run_dir, w, part=args.part, upto=t)
-            res = score(env, learner, args.episodes, eval_seed)
+            used = avg.window(w, t)
+            res = score(env, avg.learner(used), args.episodes, eval_seed)
             row[name] = res.get("win_rate", res["return"])
             row[f"{name}_steps"] = [min(used), max(used)]
         rows.append(row)
@@ -79,8 +110,8 @@ def main(argv=None) -> int:
     for name, w in cols:
         best = max(rows, key=lambda r: r[name])  # first maximum: ties keep the earlier, as best.pt
         for which, r in (("final", rows[-1]), ("best", best)):
-            _, learner, _, used = load_averaged(args.run_dir, w, part=args.part, upto=r["upto"])
-            res = score(env, learner, args.fresh_episodes, FINAL_SEED)
+            used = avg.window(w, r["upto"])
+            res = score(env, avg.learner(used), args.fresh_episodes, FINAL_SEED)
             fresh[f"{name}:{which}"] = {"upto": r["upto"], "steps": [min(used), max(used)], "win_rate": res.get("win_rate"),
                                         "win_rate_ci95": res.get("win_rate_ci95"), "return": res["return"],
                                         "return_ci95": res["return_ci95"]}

@@ -264,3 +264,15 @@ def test_weight_averaging_compares_last_and_averaged_checkpoints(tmp_path, capsy
     assert out["fresh"]["avg2:final"]["steps"] == steps[-2:]
     text = (tmp_path / "section.md").read_text()
     assert text.startswith("diagnosis:test") and "weight_averaging.py" in text and "| `avg2:final` |" in text
+    # the script's cached averaging is mabl eval --average's (load_averaged), for both parts
+    import torch
+
+    from mabl.train import load_averaged
+
+    for part in ("policy", "actor"):
+        avg = wa.Averager(wa.ckpt_paths(run), part)
+        assert avg.window(2, steps[-1]) == steps[-2:]
+        got = [p.detach().clone() for p in avg.learner(steps[-2:]).policy.parameters()]
+        _, ref, _, _ = load_averaged(run, 2, part=part)
+        for a, b in zip(got, ref.policy.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
