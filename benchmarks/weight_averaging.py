@@ -8,8 +8,8 @@ one training run) often lands nearer the middle of such an oscillation than any 
 For a run that kept a checkpoint every C env steps (``--set run.checkpoint_every=C --set
 run.keep_checkpoints=100``), this script takes past every multiple of ``--every`` env steps the first
 checkpoint t and evaluates that checkpoint ("last") and, for every window W of ``--windows``, the
-average of the W newest checkpoints up to t (the arithmetic of ``mabl eval --average``,
-``mabl.train.load_averaged``; ``--part policy``: every decentralized-policy module, ``actor``: the actor alone). All greedy, on the run's own periodic-evaluation seeds (so
+average of the W newest checkpoints up to t (as ``mabl eval --average``; ``--part policy``: every
+decentralized-policy module, ``actor``: the actor alone). All greedy, on the run's own periodic-evaluation seeds (so
 "best" is chosen as ``best.pt`` would be) and then, for the final step and each column's best step, on
 ``--fresh-episodes`` fresh seeds (those of ``learning_curve.py``'s final comparison). Nothing here
 changes training: the same run, read afterwards. Writes a ``diagnosis:NAME`` section into BENCHMARKS.md
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
 from mabl.checkpoint import checkpoint_candidates  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
-from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval  # noqa: E402
+from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, set_policy_average  # noqa: E402
 
 
 def ckpt_paths(run_dir: Path) -> dict[int, Path]:
@@ -41,31 +41,24 @@ def ckpt_paths(run_dir: Path) -> dict[int, Path]:
 
 class Averager:
     """``mabl.train.load_averaged`` for many windows of one run: every checkpoint is read once and only its
-    acting networks' weights are kept; one learner acts with the average of a window (same arithmetic)."""
+    acting networks' weights are kept; one learner acts with the average of a window (``set_policy_average``)."""
 
     def __init__(self, paths: dict[int, Path], part: str):
         self.paths, self.part, self.cache = paths, part, {}
         self.cfg, self.host, _ = load_for_eval(paths[max(paths)])
-        actor = {id(p) for p in self.host.algo.actor.parameters()}
-        self.averaged = [part == "policy" or id(p) in actor for p in self.host.policy.parameters()]
 
     def weights(self, step: int) -> list[torch.Tensor]:
         if step not in self.cache:
             _, learner, _ = load_for_eval(self.paths[step])
-            self.cache[step] = [p.detach().clone().double() for p in learner.policy.parameters()]
+            self.cache[step] = [p.detach().clone() for p in learner.policy.parameters()]
         return self.cache[step]
 
     def window(self, w: int, upto: int) -> list[int]:
         return sorted(s for s in self.paths if s <= upto)[-w:]
 
-    @torch.no_grad()
     def learner(self, steps: list[int]):
-        """The host learner acting with the mean of ``steps``' weights (``part`` = actor: the actor averaged,
-        the rest of the acting networks the newest checkpoint's, as ``load_averaged``)."""
-        ws = [self.weights(s) for s in steps]
-        for i, (p, avg) in enumerate(zip(self.host.policy.parameters(), self.averaged)):
-            p.copy_((sum(w[i] for w in ws) / len(ws) if avg else ws[-1][i]).to(p.dtype))
-        return self.host
+        """The host learner acting with the average of ``steps``' weights (as ``load_averaged``)."""
+        return set_policy_average(self.host, [self.weights(s) for s in sorted(steps, reverse=True)], self.part)
 
 
 def score(env, learner, episodes: int, seed: int) -> dict:

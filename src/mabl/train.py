@@ -42,8 +42,8 @@ import torch
 
 from mabl.agent import DecentralizedPolicy
 from mabl.buffer import ReplayBuffer
-from mabl.checkpoint import (atomic_write_text, checkpoint_candidates, list_checkpoints, load_buffer, load_checkpoint, load_latest, save_best,
-                             peek_checkpoint, remove_stale_temporaries, save_buffer, save_checkpoint)
+from mabl.checkpoint import (atomic_write_text, checkpoint_candidates, list_checkpoints, load_buffer, load_checkpoint,
+                             load_latest, save_best, peek_checkpoint, remove_stale_temporaries, save_buffer, save_checkpoint)
 from mabl.config import Config, check_env_name, config_from_dict, config_differences
 from mabl.envs.base import MultiAgentEnv
 from mabl.errors import CheckpointError, ConfigError, CorruptCheckpointError, DivergenceError, warn
@@ -771,20 +771,25 @@ def average_policy(learners: list[MABLLearner], part: str = "policy") -> MABLLea
     ``"actor"`` = the actor alone, on the first learner's encoder and posterior.
     Returns the first learner, changed in place.
     """
-    if part not in AVERAGE_PARTS:
-        raise ConfigError(f"unknown part to average {part!r}; accepted: {', '.join(AVERAGE_PARTS)}")
     if not learners:
         raise ConfigError("no checkpoints to average")
-    pick = (lambda ln: ln.policy) if part == "policy" else (lambda ln: ln.algo.actor)  # noqa: E731
-    target = [p for p in pick(learners[0]).parameters()]
-    with torch.no_grad():
-        total = [p.detach().clone().double() for p in target]
-        for other in learners[1:]:
-            for acc, p in zip(total, pick(other).parameters()):
-                acc += p.detach().double()
-        for p, acc in zip(target, total):
-            p.copy_((acc / len(learners)).to(p.dtype))
-    return learners[0]
+    return set_policy_average(learners[0], [list(ln.policy.parameters()) for ln in learners], part)
+
+
+@torch.no_grad()
+def set_policy_average(host: MABLLearner, weights: list[list[torch.Tensor]], part: str = "policy") -> MABLLearner:
+    """``host``'s acting networks from ``weights``, one ``policy.parameters()`` list per checkpoint, newest
+    first: the ``part`` parameters (see :func:`average_policy`) their uniform mean, the others the newest's."""
+    if part not in AVERAGE_PARTS:
+        raise ConfigError(f"unknown part to average {part!r}; accepted: {', '.join(AVERAGE_PARTS)}")
+    actor = {id(p) for p in host.algo.actor.parameters()}
+    for i, p in enumerate(host.policy.parameters()):
+        if part == "policy" or id(p) in actor:
+            value = sum(w[i].double() for w in weights) / len(weights)
+        else:
+            value = weights[0][i]
+        p.copy_(value.to(p.dtype))
+    return host
 
 
 def load_averaged(path: str | Path, last: int, device: str = "cpu", part: str = "policy",
