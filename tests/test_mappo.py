@@ -278,3 +278,75 @@ def test_entropy_target_config_errors():
         make_config("tiny", "smax:3m", {"ppo": {"entropy_target": -0.1}})
     with pytest.raises(ConfigError, match="ppo.entropy must be > 0"):
         make_config("tiny", "smax:3m", {"ppo": {"entropy_target": 0.1, "entropy": 0.0}})
+
+
+def test_explore_from_params_draws_available_actions_and_scores_them_under_the_actor():
+    """ppo.imagine_explore: eps=0 keeps the actor's actions, eps=1 replaces every one by a uniform
+    draw among the available actions; the log-probability is the actor's, at the drawn action."""
+    from mabl.policy import Actor, masked_logits
+
+    torch.manual_seed(0)
+    actor = Actor(4, 5, 8, 1, True)
+    avail = torch.tensor([True, False, True, True, False]).expand(4000, 5)
+    logits = masked_logits(torch.tensor([9.0, 0.0, -3.0, 0.0, 0.0]).expand(4000, 5), avail)  # peaked on action 0
+    raw = torch.zeros(4000, dtype=torch.long)
+    same, logp0 = actor.explore_from_params(logits, raw, 0.0)
+    assert torch.equal(same, raw)
+    assert torch.allclose(logp0, logits.log_softmax(-1)[:, 0])
+    drawn, logp = actor.explore_from_params(logits, raw, 1.0)
+    counts = torch.bincount(drawn, minlength=5).float() / 4000
+    assert counts[1] == 0 and counts[4] == 0  # never an unavailable action
+    assert torch.allclose(counts[[0, 2, 3]], torch.full((3,), 1 / 3), atol=0.04)  # uniform, not the actor's 0-peak
+    assert torch.allclose(logp, logits.log_softmax(-1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1))
+    half, _ = actor.explore_from_params(logits, raw, 0.5)
+    changed = float((half != 0).float().mean())  # swapped with p=0.5, and then 2/3 land off action 0
+    assert abs(changed - 0.5 * 2 / 3) < 0.04
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_imagination_exploration_respects_availability_and_scores_under_the_actor(fused):
+    """With ppo.imagine_explore=1 every imagined action is uniform over the predicted-available ones
+    (so it no longer follows the actor), and the stored log-probabilities are the actor's."""
+    from mabl.fast import Speed
+
+    cfg, model, algo, start = _setup(imagine_explore=1.0)
+    model.speed = Speed(fused_heads=fused)
+    with torch.no_grad():  # a strongly peaked actor: nearly always action 0 when it may
+        algo.actor.net[-1].bias.copy_(torch.tensor([12.0, 0.0, 0.0, 0.0, 0.0]))
+    torch.manual_seed(1)
+    traj = imagine(model, algo.actor, start, 6, cfg.ppo.imagine_explore)
+    chosen = traj.avail.gather(-1, traj.raw.unsqueeze(-1)).squeeze(-1)
+    assert (chosen | ~traj.avail.any(-1)).all()
+    zero_ok = traj.avail[..., 0]
+    assert float((traj.raw[zero_ok] != 0).float().mean()) > 0.3  # the actor alone would pick 0 there
+    logp, _ = algo.actor.log_prob_entropy(traj.feat_a[:-1].float(), traj.raw, traj.avail)
+    assert torch.allclose(traj.logp, logp, atol=2e-2)
+    torch.manual_seed(1)
+    greedy_like = imagine(model, algo.actor, start, 6)  # explore off: the peaked actor's action 0
+    assert float((greedy_like.raw[greedy_like.avail[..., 0]] == 0).float().mean()) > 0.99
+
+
+def test_imagine_explore_config_errors():
+    from mabl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="imagine_explore"):
+        make_config("tiny", "smax:3m", {"ppo": {"imagine_explore": 1.5}})
+    cfg = make_config("tiny", "smax:3m", {"ppo": {"imagine_explore": 0.1}})
+    cont = EnvSpec("test:cont", n_agents=2, obs_dim=5, state_dim=4, action_dim=3, discrete=False)
+    with pytest.raises(ConfigError, match="ppo.imagine_explore needs discrete actions"):
+        MAPPO(cont, BiLevelWorldModel(cont, cfg.model), cfg.ppo)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_train_round_with_imagination_exploration(fast):
+    from mabl.fast import Speed
+
+    cfg, model, algo, start = _setup(imagine_explore=0.2)
+    if fast:
+        model.speed = Speed(fast_critic=True, fused_heads=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = [p.clone() for p in algo.actor.parameters()]
+    stats = algo.train_round(model, start, contextlib.nullcontext)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, algo.actor.parameters()))

@@ -91,6 +91,14 @@ class PPOConfig:
     # 0 = the paper (fixed coefficient, annealed).
     entropy_target: float = 0.0
     entropy_target_lr: float = 0.03
+    # Extension, not in the paper (0 = the paper): exploration *in imagination* only (discrete actions).
+    # Per imagined agent and step, with this probability the actor's sampled action is replaced by a
+    # uniform draw from the predicted-available actions, and PPO scores it as if the actor had chosen it
+    # (its log-probability under the actor is the "old" one: no importance correction, on purpose). A
+    # near-deterministic actor then still sees the imagined advantage of the actions it never takes,
+    # and raises them where the model says they pay. Real episodes are not affected (``run.explore`` is
+    # the real-env counterpart).
+    imagine_explore: float = 0.0
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
     epochs: int = 5  # Table 3 'Epochs per update'
     minibatch: int = 2000  # Table 3 'Batch size' (imagined joint states per gradient step)
@@ -379,7 +387,7 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= cfg.model.unimix < 1.0:
         raise ConfigError(f"config key model.unimix must be in [0, 1), got {cfg.model.unimix!r}")
     for sec, key in (("model", "kl_balance"), ("model", "recent_fraction"), ("ppo", "gamma"), ("ppo", "gae_lambda"),
-                     ("ppo", "return_range_decay"), ("run", "explore")):
+                     ("ppo", "return_range_decay"), ("ppo", "imagine_explore"), ("run", "explore")):
         val = getattr(getattr(cfg, sec), key)
         if not 0.0 <= val <= 1.0:
             raise ConfigError(f"config key {sec}.{key} must be in [0, 1], got {val!r}")

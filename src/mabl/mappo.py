@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mabl.config import PPOConfig
+from mabl.errors import ConfigError
 from mabl.envs.base import EnvSpec
 from mabl.fast import (PLAIN, Caster, FusedLinears, agent_attention, clip_grad_norm, fused_adam, mlp_forward, mlp_tail, no_autocast,
                        onehot_indices, split_linear)
@@ -155,11 +156,13 @@ class Imagined:
 
 
 @torch.no_grad()
-def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int) -> Imagined:
+def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int, explore: float = 0.0) -> Imagined:
     """Roll the priors ``horizon`` steps with the actor (§3.3): mask actions with the predicted
-    availability, predict reward and termination after every step. No gradients flow."""
+    availability, predict reward and termination after every step. No gradients flow.
+    ``explore > 0`` (``ppo.imagine_explore``, not in the paper): :meth:`Actor.explore_from_params`
+    on every step's actions."""
     if getattr(model, "speed", PLAIN).fused_heads:
-        return _imagine_fused(model, actor, start, horizon)
+        return _imagine_fused(model, actor, start, horizon, explore)
     st = start
     feats_a, feats_g, raws, logps, avails, rews, conts = [], [], [], [], [], [], []
     for _ in range(horizon):
@@ -170,7 +173,10 @@ def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon:
             p = torch.sigmoid(model.avail_head(both).float())
             avail = torch.bernoulli(p).bool()
             avails.append(avail)
-        raw, _, logp = actor.sample(fa, avail)
+        params = actor.params(fa, avail)
+        raw, _, logp = actor.sample_from_params(*params)
+        if explore > 0:
+            raw, logp = actor.explore_from_params(params[0], raw, explore)
         st = model.imagine_step(st, actor.env_to_model_action(raw).to(fa.dtype))
         heads = model.heads(st)
         feats_a.append(fa), feats_g.append(fg), raws.append(raw), logps.append(logp)
@@ -185,7 +191,7 @@ def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon:
 
 
 @torch.no_grad()
-def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int) -> Imagined:
+def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int, explore: float = 0.0) -> Imagined:
     """:func:`imagine` with every matmul of a state tensor done once for all its consumers.
 
     The features ``fa = [z^a, h^a]`` and ``fg = [z^g, h^g]`` of each imagined state are written
@@ -271,7 +277,10 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
                 avail = torch.bernoulli(torch.sigmoid(a_logits.float())).bool()
                 avails.append(avail)
             out = mlp_tail(actor.net, fl.out("actor", p_fa), c)
-            raw, _, logp = actor.sample_from_params(*actor.params_from_out(out, avail))
+            params = actor.params_from_out(out, avail)
+            raw, _, logp = actor.sample_from_params(*params)
+            if explore > 0:
+                raw, logp = actor.explore_from_params(params[0], raw, explore)
             raws.append(raw), logps.append(logp)
             act = actor.env_to_model_action(raw).to(dt)
             # transition (prior step), as BiLevelWorldModel.imagine_step
@@ -318,6 +327,8 @@ class MAPPO(nn.Module):
     def __init__(self, spec: EnvSpec, model: BiLevelWorldModel, cfg: PPOConfig):
         super().__init__()
         self.spec, self.cfg = spec, cfg
+        if cfg.imagine_explore > 0 and not spec.discrete:
+            raise ConfigError(f"config key ppo.imagine_explore needs discrete actions; {spec.name} has continuous ones (use 0)")
         self.actor = Actor(model.feat_a, spec.action_dim, cfg.hidden, cfg.layers, spec.discrete, spec.action_dim_mask())
         self.critic_input = cfg.critic_input if model.bilevel else "agent"
         cin = {"global+agent": model.feat_a + model.feat_g, "global": model.feat_g, "agent": model.feat_a}[self.critic_input]
@@ -364,7 +375,7 @@ class MAPPO(nn.Module):
         cfg = self.cfg
         t0 = time.perf_counter()
         with autocast():
-            traj = imagine(model, self.actor, starts, cfg.horizon)
+            traj = imagine(model, self.actor, starts, cfg.horizon, cfg.imagine_explore)
         self.timings = {"imagine_s": time.perf_counter() - t0}
         with autocast():
             with torch.no_grad():
@@ -427,7 +438,7 @@ class MAPPO(nn.Module):
         dt = sp.dtype
         t0 = time.perf_counter()
         with autocast():
-            traj = imagine(model, self.actor, starts, cfg.horizon)
+            traj = imagine(model, self.actor, starts, cfg.horizon, cfg.imagine_explore)
         self.timings = {"imagine_s": time.perf_counter() - t0}
         fa = traj.feat_a.to(dt)
         fg = None if traj.feat_g is None else traj.feat_g.to(dt)
