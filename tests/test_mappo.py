@@ -290,15 +290,16 @@ def test_explore_from_params_draws_available_actions_and_scores_them_under_the_a
     avail = torch.tensor([True, False, True, True, False]).expand(4000, 5)
     logits = masked_logits(torch.tensor([9.0, 0.0, -3.0, 0.0, 0.0]).expand(4000, 5), avail)  # peaked on action 0
     raw = torch.zeros(4000, dtype=torch.long)
-    same, logp0 = actor.explore_from_params(logits, raw, 0.0)
-    assert torch.equal(same, raw)
+    same, logp0, ex0 = actor.explore_from_params(logits, raw, 0.0)
+    assert torch.equal(same, raw) and not ex0.any()
     assert torch.allclose(logp0, logits.log_softmax(-1)[:, 0])
-    drawn, logp = actor.explore_from_params(logits, raw, 1.0)
+    drawn, logp, ex = actor.explore_from_params(logits, raw, 1.0)
+    assert torch.equal(ex, drawn != raw)
     counts = torch.bincount(drawn, minlength=5).float() / 4000
     assert counts[1] == 0 and counts[4] == 0  # never an unavailable action
     assert torch.allclose(counts[[0, 2, 3]], torch.full((3,), 1 / 3), atol=0.04)  # uniform, not the actor's 0-peak
     assert torch.allclose(logp, logits.log_softmax(-1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1))
-    half, _ = actor.explore_from_params(logits, raw, 0.5)
+    half, _, _ = actor.explore_from_params(logits, raw, 0.5)
     changed = float((half != 0).float().mean())  # swapped with p=0.5, and then 2/3 land off action 0
     assert abs(changed - 0.5 * 2 / 3) < 0.04
 
@@ -321,8 +322,10 @@ def test_imagination_exploration_respects_availability_and_scores_under_the_acto
     assert float((traj.raw[zero_ok] != 0).float().mean()) > 0.3  # the actor alone would pick 0 there
     logp, _ = algo.actor.log_prob_entropy(traj.feat_a[:-1].float(), traj.raw, traj.avail)
     assert torch.allclose(traj.logp, logp, atol=2e-2)
+    assert traj.explored.shape == traj.raw.shape and traj.explored[zero_ok & (traj.raw != 0)].all()
     torch.manual_seed(1)
     greedy_like = imagine(model, algo.actor, start, 6)  # explore off: the peaked actor's action 0
+    assert greedy_like.explored is None
     assert float((greedy_like.raw[greedy_like.avail[..., 0]] == 0).float().mean()) > 0.99
 
 
@@ -350,3 +353,23 @@ def test_train_round_with_imagination_exploration(fast):
     stats = algo.train_round(model, start, contextlib.nullcontext)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, algo.actor.parameters()))
+
+
+def test_explored_actions_get_no_negative_advantage():
+    """ppo.imagine_explore: after normalization, an exploration draw's advantage is clipped at 0 from
+    below (it may be raised, never lowered); the actor's own actions keep theirs."""
+    from mabl.mappo import Imagined
+
+    cfg, model, algo, start = _setup(imagine_explore=0.5)
+    torch.manual_seed(3)
+    H, M, N = 5, 4, 3
+    traj = Imagined(feat_a=torch.zeros(H + 1, M, N, 2), feat_g=None, raw=torch.zeros(H, M, N, dtype=torch.long),
+                    logp=torch.zeros(H, M, N), avail=None, reward=torch.randn(H, M, N), cont=torch.ones(H, M, N),
+                    explored=torch.rand(H, M, N) < 0.5)
+    values = torch.randn(H + 1, M, N)
+    adv, ret, _ = algo._advantages(traj, values)
+    plain, ret0, _ = algo._advantages(dataclasses.replace(traj, explored=None), values)
+    assert torch.equal(ret, ret0)
+    assert torch.equal(adv[~traj.explored], plain[~traj.explored])
+    assert torch.equal(adv[traj.explored], plain[traj.explored].clamp_min(0))
+    assert (plain[traj.explored] < 0).any()  # the case the clip is for occurs here

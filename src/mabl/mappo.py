@@ -153,6 +153,8 @@ class Imagined:
     # mabl.fast.onehot_indices); None when imagination did not compute them
     idx_a: torch.Tensor | None = None
     idx_g: torch.Tensor | None = None
+    # ppo.imagine_explore: [H, M, N] bool, where the action is an exploration draw, not the actor's
+    explored: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -165,6 +167,7 @@ def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon:
         return _imagine_fused(model, actor, start, horizon, explore)
     st = start
     feats_a, feats_g, raws, logps, avails, rews, conts = [], [], [], [], [], [], []
+    explored = []
     for _ in range(horizon):
         fa, fg = model.features(st)
         avail = None
@@ -176,7 +179,8 @@ def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon:
         params = actor.params(fa, avail)
         raw, _, logp = actor.sample_from_params(*params)
         if explore > 0:
-            raw, logp = actor.explore_from_params(params[0], raw, explore)
+            raw, logp, ex = actor.explore_from_params(params[0], raw, explore)
+            explored.append(ex)
         st = model.imagine_step(st, actor.env_to_model_action(raw).to(fa.dtype))
         heads = model.heads(st)
         feats_a.append(fa), feats_g.append(fg), raws.append(raw), logps.append(logp)
@@ -186,7 +190,7 @@ def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon:
     return Imagined(
         feat_a=torch.stack(feats_a), feat_g=None if fg is None else torch.stack(feats_g),
         raw=torch.stack(raws), logp=torch.stack(logps), avail=torch.stack(avails) if avails else None,
-        reward=torch.stack(rews), cont=torch.stack(conts),
+        reward=torch.stack(rews), cont=torch.stack(conts), explored=torch.stack(explored) if explored else None,
     )
 
 
@@ -254,6 +258,7 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
             p_zg = p_hg = None
         p_za, p_ha = proj("z_a", z_a, ia), fl.project("h_a", h_a.to(dt))
         raws, logps, avails, rews, conts, ias, igs = [], [], [], [], [], [], []
+        explored = []
         for t in range(horizon + 1):
             fa_buf[t, ..., :S] = z_a
             fa_buf[t, ..., S:] = h_a
@@ -280,7 +285,8 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
             params = actor.params_from_out(out, avail)
             raw, _, logp = actor.sample_from_params(*params)
             if explore > 0:
-                raw, logp = actor.explore_from_params(params[0], raw, explore)
+                raw, logp, ex = actor.explore_from_params(params[0], raw, explore)
+                explored.append(ex)
             raws.append(raw), logps.append(logp)
             act = actor.env_to_model_action(raw).to(dt)
             # transition (prior step), as BiLevelWorldModel.imagine_step
@@ -303,6 +309,7 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
         feat_a=fa_buf, feat_g=fg_buf, raw=torch.stack(raws), logp=torch.stack(logps),
         avail=torch.stack(avails) if avails else None, reward=torch.stack(rews), cont=torch.stack(conts),
         idx_a=torch.stack(ias) if ias else None, idx_g=torch.stack(igs) if ias and bil else None,
+        explored=torch.stack(explored) if explored else None,
     )
 
 
@@ -427,6 +434,8 @@ class MAPPO(nn.Module):
             adv = adv / max(cfg.return_range_floor, self.return_range)
         elif cfg.normalize_advantage:
             adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+        if traj.explored is not None:  # ppo.imagine_explore: a drawn action can be raised, never lowered
+            adv = torch.where(traj.explored, adv.clamp_min(0.0), adv)
         return adv, ret, reach_weights(traj.cont)
 
     def _train_round_fast(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:

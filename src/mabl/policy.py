@@ -96,15 +96,16 @@ class Actor(nn.Module):
     def explore_from_params(self, logits: torch.Tensor, raw: torch.Tensor, eps: float):
         """``ppo.imagine_explore``: each of ``raw``'s discrete actions replaced, with probability
         ``eps``, by a uniform draw from the actions ``logits`` (masked, :func:`masked_logits`) leaves
-        available. Returns ``(raw, log_prob)``, the log-probability under the actor, not under the
-        mixture (no importance correction: PPO then scores a drawn action as the actor's own)."""
+        available. Returns ``(raw, log_prob, explored)``: the log-probability under the actor, not
+        under the mixture (no importance correction: PPO then scores a drawn action as the actor's
+        own), and where the drawn action differs from the actor's."""
         if not self.discrete:
             raise ValueError("imagination exploration needs discrete actions")
         avail = logits > _MASKED / 2
         uniform = torch.rand(logits.shape, device=logits.device).masked_fill(~avail, -1.0).argmax(-1)
         swap = torch.rand(raw.shape, device=raw.device) < eps
-        raw = torch.where(swap, uniform, raw)
-        return raw, logits.log_softmax(-1).gather(-1, raw.unsqueeze(-1)).squeeze(-1)
+        new = torch.where(swap, uniform, raw)
+        return new, logits.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1), new != raw
 
     def log_prob_entropy(self, feat, raw, avail=None):
         return self.log_prob_entropy_from_params(*self.params(feat, avail), raw)
