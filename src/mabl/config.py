@@ -99,7 +99,8 @@ class PPOConfig:
     # advantage of the actions it never takes and raises them where the model says they pay; it is never
     # pushed *away* from them (without the clip, on SMAX 3m, the mostly-bad random draws drove the actor's
     # entropy to 5e-4 nats by 11k env steps). Real episodes are not affected (``run.explore`` is the
-    # real-env counterpart).
+    # real-env counterpart). Measured on SMAX 3m (0.1, seeds 0-1): entropy kept at ~0.3-0.4 nats and the
+    # greedy behaviour no longer frozen, but fewer wins (0.54 / 0.52 of 100 fresh episodes at 50k).
     imagine_explore: float = 0.0
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
     epochs: int = 5  # Table 3 'Epochs per update'
