@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from mabl.buffer import ReplayBuffer  # noqa: E402
 from mabl.config import make_config, replace  # noqa: E402
+from mabl.cpustat import StealMeter  # noqa: E402
 from mabl.envs.base import EnvSpec  # noqa: E402
 from mabl.fast import Speed, native_bf16  # noqa: E402
 from mabl.learner import MABLLearner  # noqa: E402
@@ -278,7 +279,9 @@ def table(results: list[dict], args, mach: dict, load_end) -> str:
         f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['threads']} torch threads, torch {mach['torch']}, "
         f"python {mach['python']}, CPU ISA {mach['isa']}; load average at start {fmt_load(mach['load'])}, at end {fmt_load(load_end)}"
         + (" (above the core count: other jobs shared the CPU, absolute seconds are inflated; ratios are from the same run)"
-           if max((mach["load"] or [0])[0], (load_end or [0])[0]) > 1.25 * (mach["cores"] or 1) else ""),  # its own threads load the cores fully
+           if max((mach["load"] or [0])[0], (load_end or [0])[0]) > 1.25 * (mach["cores"] or 1) else "")  # its own threads load the cores fully
+        + ("" if mach.get("steal") is None else f"; CPU steal during the measurement {100 * mach['steal']:.0f}%"
+           + (" (the hypervisor gave that share of the CPU to other guests: absolute seconds are inflated)" if mach["steal"] >= 0.1 else "")),
         "- one full post-episode update at the `paper` preset (60 world-model steps on 40x20 sequences, 4 rounds of "
         "imagination from 800 posterior states x 15 steps + 5 PPO epochs in minibatches of 2000 joint states); "
         f"seconds, median of repeats (one run where an update takes minutes); `optimized` = the defaults (every speed switch, no torch.compile; here: {bf16}), "
@@ -349,6 +352,7 @@ def main(argv=None) -> int:
     args.agents = args.agents or ([3] if args.quick else [3, 8, 27])
     args.repeats = args.repeats or (1 if args.quick else 3)
     mach = machine()
+    steal = StealMeter()
     log(f"machine: {mach}")
     # every plain measurement first: the optimized learner tunes the process's allocator (tune_malloc)
     plains = {}
@@ -366,6 +370,7 @@ def main(argv=None) -> int:
         load_end = os.getloadavg()
     except OSError:
         load_end = None
+    mach["steal"] = steal.total()
     section = table(results, args, mach, load_end)
     print(section)
     if args.output:
@@ -376,6 +381,7 @@ def main(argv=None) -> int:
                             for r in results]
     main_row["bf16"] = bool(mach["native_bf16"])
     main_row["amx"] = bool(mach["amx"])
+    main_row["cpu_steal"] = None if mach["steal"] is None else round(mach["steal"], 4)
     print(json.dumps(main_row))
     return 0
 

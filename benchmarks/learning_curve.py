@@ -137,6 +137,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def steal_note(summary: dict) -> str:
+    """The CPU steal of the run (``summary.json``'s ``cpu_steal``, this session's part of it) as a clause."""
+    steal = summary.get("cpu_steal")
+    if steal is None:
+        return ""
+    return f", CPU steal {100 * steal:.0f}% while training (the session that ended the run)" + (
+        " (other guests took that share of this VM's CPU: wall times are inflated)" if steal >= 0.1 else "")
+
+
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -266,7 +275,7 @@ def main(argv=None) -> int:
     body = f"""### Learning curve: `{cfg.run.env}`, preset `{cfg.preset}`, seed {cfg.run.seed}
 
 - command: `{cmd}` (training run directory `{run_dir}`)
-- commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}
+- commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}{steal_note(summary)}
 - budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={bf16}, {every}: {cfg.model.train_steps} model updates and {cfg.ppo.updates} imagination round(s), bootstrap={cfg.ppo.bootstrap}, entropy={cfg.ppo.entropy:g})
 - final eval {key.replace('_', ' ')} ({'greedy' if cfg.run.eval_greedy else 'sampled actions'}, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
 - random policy, same script and evaluation seeds ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}

@@ -9,6 +9,7 @@ import pytest
 
 from mabl.cli import main
 from mabl.config import make_config, parse_set
+from mabl.cpustat import read_cpu_times
 from mabl.errors import ConfigError
 from mabl.train import train
 
@@ -37,6 +38,9 @@ def test_train_writes_metrics_checkpoints_curve(tmp_path):
     assert 1 <= len(ckpts) <= cfg.run.keep_checkpoints
     assert json.loads((run / "config.json").read_text())["run"]["env"] == "smax:3m"
     assert list(run.glob("tb/events.*"))
+    if read_cpu_times() is not None:  # Linux: every row and the summary say how much CPU other VMs took
+        assert all(0.0 <= r["time/cpu_steal"] <= 1.0 for r in rows)
+        assert 0.0 <= summary["cpu_steal"] <= 1.0
 
 
 def test_cli_train_then_eval_and_resume(tmp_path, capsys):

@@ -45,6 +45,7 @@ from mabl.buffer import ReplayBuffer
 from mabl.checkpoint import (atomic_write_text, checkpoint_candidates, list_checkpoints, load_buffer, load_checkpoint,
                              load_latest, save_best, peek_checkpoint, remove_stale_temporaries, save_buffer, save_checkpoint)
 from mabl.config import Config, check_env_name, config_from_dict, config_differences
+from mabl.cpustat import StealMeter
 from mabl.envs.base import MultiAgentEnv
 from mabl.errors import CheckpointError, ConfigError, CorruptCheckpointError, DivergenceError, warn
 from mabl.learner import MABLLearner, resolve_device
@@ -383,6 +384,7 @@ class Trainer:
         self.logger: RunLogger | None = None
         self._buffer_entry: dict | None = None  # the buffer entry of the last checkpoint saved/loaded
         self.checkpoint_stats: list[dict[str, float]] = []  # write time and size of each save
+        self.steal: StealMeter | None = None  # CPU time stolen by the hypervisor during this session's run()
 
     # -- state ------------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
@@ -507,6 +509,7 @@ class Trainer:
             self.logger = RunLogger(self.run_dir, resume_step=self.env_steps)
             # rows a killed run logged after its last checkpoint will be produced again
             self.logger.truncate_after(self.env_steps)
+            self.steal = StealMeter()
             try:
                 self._loop()
             except DivergenceError as e:
@@ -516,6 +519,9 @@ class Trainer:
         speed = getattr(self.learner, "speed", None)
         if speed is not None:  # the switches in effect (bf16 falls back to fp32 where it is not native)
             summary["speed"] = speed.describe()
+        steal = self.steal.total() if self.steal is not None else None
+        if steal is not None:  # this session's part of the run (a resumed run: since the resume)
+            summary["cpu_steal"] = round(steal, 4)
         if self.cfg.run.skip_nonfinite:
             summary["nonfinite_skipped"] = self.learner.guard.skipped
         if self.checkpoint_stats:  # this session's checkpoint writes (buffer shard + checkpoint file)
@@ -554,6 +560,9 @@ class Trainer:
                 row["time/collect_s"] = t1 - t0
                 row["wall_s"] = self.wall
                 if self.episodes % rc.log_every == 0:
+                    steal = self.steal.lap() if self.steal is not None else None
+                    if steal is not None:  # fraction of the CPU's time taken by other VMs since the previous row
+                        row["time/cpu_steal"] = steal
                     self.logger.episode(row)
                 if self.env_steps >= self.next_eval or self.env_steps >= rc.steps:
                     self.evaluate_now()
