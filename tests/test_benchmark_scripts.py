@@ -276,3 +276,23 @@ def test_weight_averaging_compares_last_and_averaged_checkpoints(tmp_path, capsy
         _, ref, _, _ = load_averaged(run, 2, part=part)
         for a, b in zip(got, ref.policy.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_advantage_noise_splits_the_imagined_advantage_variance(tmp_path, capsys, monkeypatch):
+    an = load_script("advantage_noise")
+    import torch
+    x = torch.tensor([1.0, 2.0, 4.0, 7.0])
+    assert an.explained_variance(x, x) == 1.0 and abs(an.explained_variance(x, torch.full_like(x, float(x.mean())))) < 1e-6
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "run_dir": str(run)}}))
+    monkeypatch.setattr(an, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
+    assert an.main([str(run), "--episodes", "3", "--write", "test"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert row["horizon"] == 5 and len(row["by_t"]) == 5 and row["agents"] == 3 and row["starts"] > 0
+    assert 0.0 <= row["between_t_share"] <= 1.0 and 0.0 <= row["common_share"] <= 1.0
+    # the run's own lambda reproduces the advantage it reports; lambda = 0 is the one-step TD error
+    assert abs(row["adv_std_by_lambda"][str(row["gae_lambda"])] - row["adv_std"]) < 1e-3 * max(1.0, row["adv_std"])
+    assert set(row["adv_std_by_lambda"]) == {"0.95", "0.8", "0.5", "0.0"}
+    assert all(np.isfinite([b["ret"], b["value"], b["adv_std"]]).all() for b in row["by_t"])
+    text = (tmp_path / "section.md").read_text()
+    assert text.startswith("diagnosis:test") and "advantage_noise.py" in text and "explained variance" in text
