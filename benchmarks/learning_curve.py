@@ -233,7 +233,11 @@ def main(argv=None) -> int:
         over = parse_set(args.set)
         over.setdefault("run", {}).update(steps=args.steps, seed=args.seed, run_dir=str(run_dir))
         cfg = make_config(args.preset, args.env, over)
-        train(cfg)  # continues the run directory's checkpoint if there is one
+        done = train(cfg)  # continues the run directory's checkpoint if there is one
+        if done.get("stopped"):  # SIGINT/SIGTERM: a checkpoint at that step; no report of an unfinished run
+            print(f"stopped by {done['stopped']} at {done['env_steps']:,} env steps; the same command continues the run "
+                  "(add --report-only to report it as it stands)", file=sys.stderr)
+            return 130
     rows = list(csv.DictReader((run_dir / "eval.csv").open()))
     if not rows:
         raise SystemExit(f"no evaluation rows in {run_dir / 'eval.csv'}")

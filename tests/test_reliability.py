@@ -156,6 +156,54 @@ def _check_newer(run: Path, steps: int) -> bool:
     return bool(found) and int(found[-1].name[5:17]) > steps
 
 
+def test_sigterm_stops_at_an_episode_boundary_with_a_checkpoint_and_resume_is_exact(reference, tmp_path, capsys):
+    """SIGTERM (what a scheduler or `kill` sends) lets the update in progress finish, writes a checkpoint at
+    that very step and exits 130; running the command again reproduces the uninterrupted run bit for bit."""
+    run = tmp_path / "stopped"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "mabl.cli", "train", *TRAIN, "--run-dir", str(run)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    def past_first_checkpoint() -> bool:
+        try:
+            return metrics.exists() and any(r["env_steps"] > 60 for r in rows(run))
+        except json.JSONDecodeError:  # a row being written
+            return False
+
+    _wait_until(proc, past_first_checkpoint)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    err = err.decode()
+    assert "Traceback" not in err and "stopped by SIGTERM" in err and "--resume" in err, err
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    stopped_at = summary["env_steps"]
+    assert summary["stopped"] == "SIGTERM" and 60 < stopped_at < STEPS
+    assert _check_consistent(run) == stopped_at  # the newest checkpoint is the step it stopped at
+    assert rows(run)[-1]["env_steps"] == stopped_at
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert [learned(r) for r in rows(run)] == [learned(r) for r in rows(reference)]
+    a = load_checkpoint(reference / "checkpoints")["learner"]
+    b = load_checkpoint(run / "checkpoints")["learner"]
+    assert digest(a) == digest(b)
+
+
+def test_stop_request_first_signal_asks_second_interrupts():
+    from mabl.train import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert stop.requested is None and signal.getsignal(signal.SIGINT) == stop._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) == before
+
+
 def test_corrupt_newest_checkpoint_falls_back_and_stays_exact(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path / "run")
     ckpts = list_checkpoints(run / "checkpoints")

@@ -165,6 +165,10 @@ def cmd_train(args) -> int:
     resume = True if args.resume else (False if args.no_resume else None)
     summary = train(cfg, resume=resume)
     print(json.dumps(summary))
+    if summary.get("stopped"):
+        print(f"mabl: stopped by {summary['stopped']} at {summary['env_steps']:,} env steps with a checkpoint; "
+              f"run the same command again (or mabl train --resume {summary['run_dir']}) to continue", file=sys.stderr)
+        return 130
     return 0
 
 

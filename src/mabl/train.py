@@ -22,7 +22,9 @@ saves and restores the torch RNG. On resume, ``metrics.jsonl`` and ``eval.csv`` 
 after the checkpoint are dropped (they will be produced again) and TensorBoard purges its
 events past that step: a run killed at any moment and resumed logs the same rows as an
 uninterrupted one (bit-exact on CPU with fp32; tests/test_reliability.py checks it).
-A run directory is locked (``.lock``) while a process trains in it.
+A run directory is locked (``.lock``) while a process trains in it. SIGINT (Ctrl-C) or SIGTERM
+stops a run cleanly: it finishes the learner update in progress, writes a checkpoint at that step
+and returns (``summary["stopped"]``); the same command continues it exactly (:class:`StopRequest`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -351,6 +356,44 @@ class RunLock:
             self.fd = None
 
 
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM while a run trains: stop cleanly instead of losing the work.
+
+    The first signal only sets :attr:`requested` (its name); the loop sees it at the next episode
+    boundary, after the learner update in progress, writes a checkpoint there and returns, so the
+    same command continues exactly from that step. A second signal interrupts at once
+    (``KeyboardInterrupt``; the checkpoints already written are complete, writes are atomic).
+    Handlers are installed only in the main thread and restored on exit.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        sys.stderr.write(f"\nmabl: {self.requested} received: stopping after the current update with a checkpoint "
+                         "(send it again to stop at once)\n")
+        sys.stderr.flush()
+
+    def __exit__(self, *exc) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
 class Trainer:
     """State of one run: env, learner, buffer, counters, RNGs; ``run()`` drives Algorithm 1."""
 
@@ -385,6 +428,8 @@ class Trainer:
         self._buffer_entry: dict | None = None  # the buffer entry of the last checkpoint saved/loaded
         self.checkpoint_stats: list[dict[str, float]] = []  # write time and size of each save
         self.steal: StealMeter | None = None  # CPU time stolen by the hypervisor during this session's run()
+        self.stop: StopRequest | None = None  # SIGINT/SIGTERM during run(): stop at the next episode boundary
+        self.saved_at = -1  # env steps of the last checkpoint written or loaded
 
     # -- state ------------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
@@ -475,6 +520,7 @@ class Trainer:
         wrote_shard = shards and (prev is None or int(prev["total"]) < int(entry["total"]))
         new_bytes = path.stat().st_size + ((self.ckpt_dir / "buffer" / shards[-1]).stat().st_size if wrote_shard else 0)
         self.checkpoint_stats.append({"seconds": time.perf_counter() - t0, "bytes": new_bytes})
+        self.saved_at = self.env_steps
         return path
 
     def resume(self, source: str | Path | None = None) -> bool:
@@ -500,7 +546,7 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.run_dir):
+        with RunLock(self.run_dir), StopRequest() as self.stop:
             remove_stale_temporaries(self.ckpt_dir)
             resumed = self.resume() if resume else False
             if not resumed:
@@ -516,6 +562,8 @@ class Trainer:
                 raise self._divergence_report(e) from None
         summary = {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "episodes": self.episodes,
                    "wall_s": round(self.wall, 1), **{f"eval_{k}": v for k, v in self.last_eval.items()}}
+        if self.stop.requested is not None and self.env_steps < self.cfg.run.steps:
+            summary["stopped"] = self.stop.requested  # by a signal, with a checkpoint at env_steps
         speed = getattr(self.learner, "speed", None)
         if speed is not None:  # the switches in effect (bf16 falls back to fp32 where it is not native)
             summary["speed"] = speed.describe()
@@ -571,6 +619,10 @@ class Trainer:
                     self.next_ckpt = (self.env_steps // rc.checkpoint_every + 1) * rc.checkpoint_every
                     self.save()  # after next_ckpt moved on: a resume keeps the same schedule
                 _advance(bar, self.env_steps, row, self.last_eval)
+                if self.stop is not None and self.stop.requested is not None and self.env_steps < rc.steps:
+                    if self.saved_at != self.env_steps:
+                        self.save()  # the schedule (next_ckpt) is untouched: a resume continues as if never stopped
+                    break
         finally:
             if bar is not None:
                 bar.close()
