@@ -3,9 +3,10 @@
 On a virtual machine whose host is oversubscribed, part of the time this machine's cores are
 meant to run is given to other guests ("steal" in ``/proc/stat``, the ``st`` column of
 ``top``). A training run or a speed benchmark then takes longer for reasons that have nothing
-to do with the code: on the 2-core development machine a quiet 23.9 s learner update took
-~65 s at ~50-75% steal. :class:`StealMeter` measures the stolen fraction between two reads so
-runs (``metrics.jsonl`` rows, ``summary.json``) and benchmarks can report it next to their times.
+to do with the code. :class:`StealMeter` measures the stolen fraction between two reads so runs
+(``metrics.jsonl`` rows, ``summary.json``) and benchmarks can report it next to their times, and
+a slow run can be told apart from a busy host. (Steal is not the only such cause: a host that
+shares physical cores between guests slows them without any steal being counted.)
 
 Linux only; elsewhere (no ``/proc/stat``) every reading is ``None``.
 """
