@@ -429,7 +429,6 @@ class Trainer:
         self.checkpoint_stats: list[dict[str, float]] = []  # write time and size of each save
         self.steal: StealMeter | None = None  # CPU time stolen by the hypervisor during this session's run()
         self.stop: StopRequest | None = None  # SIGINT/SIGTERM during run(): stop at the next episode boundary
-        self.saved_at = -1  # env steps of the last checkpoint written or loaded
 
     # -- state ------------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
@@ -520,7 +519,6 @@ class Trainer:
         wrote_shard = shards and (prev is None or int(prev["total"]) < int(entry["total"]))
         new_bytes = path.stat().st_size + ((self.ckpt_dir / "buffer" / shards[-1]).stat().st_size if wrote_shard else 0)
         self.checkpoint_stats.append({"seconds": time.perf_counter() - t0, "bytes": new_bytes})
-        self.saved_at = self.env_steps
         return path
 
     def resume(self, source: str | Path | None = None) -> bool:
@@ -615,13 +613,14 @@ class Trainer:
                 if self.env_steps >= self.next_eval or self.env_steps >= rc.steps:
                     self.evaluate_now()
                     self.next_eval = (self.env_steps // rc.eval_every + 1) * rc.eval_every
+                stopping = self.stop is not None and self.stop.requested is not None  # read once: a late signal waits a round
                 if self.env_steps >= self.next_ckpt or self.env_steps >= rc.steps:
                     self.next_ckpt = (self.env_steps // rc.checkpoint_every + 1) * rc.checkpoint_every
                     self.save()  # after next_ckpt moved on: a resume keeps the same schedule
+                elif stopping:
+                    self.save()  # off the schedule, next_ckpt untouched: a resume continues as if never stopped
                 _advance(bar, self.env_steps, row, self.last_eval)
-                if self.stop is not None and self.stop.requested is not None and self.env_steps < rc.steps:
-                    if self.saved_at != self.env_steps:
-                        self.save()  # the schedule (next_ckpt) is untouched: a resume continues as if never stopped
+                if stopping:
                     break
         finally:
             if bar is not None:
