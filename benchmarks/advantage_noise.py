@@ -18,7 +18,11 @@ the raw (not normalized) GAE advantages and lambda-returns, and the script repor
   the same for every agent, so it carries no information about which agent's action made the difference)
   and the agent-specific rest;
 * the advantage's standard deviation for other GAE lambdas on the same rollouts (lambda = 0 is the
-  one-step TD error): how much a lower ``ppo.gae_lambda`` would cut the noise, given this critic.
+  one-step TD error): how much a lower ``ppo.gae_lambda`` would cut the noise, given this critic;
+* the same advantages with the per-agent counterfactual baseline of ``ppo.counterfactual_samples``
+  (one-step model branches, K draws of the agent's alternative action; ``mabl.mappo.counterfactual_baseline``)
+  for K in ``--counterfactual`` (default 1 and 4): their standard deviation and common share, at the run's
+  lambda and at lambda = 0 (where the baseline replaces the whole state baseline of a one-step advantage).
 
 Prints a table and one JSON line; ``--write NAME`` also puts the table into BENCHMARKS.md.
 """
@@ -40,6 +44,7 @@ from mabl.train import load_for_eval, run_episode  # noqa: E402
 from mabl.world_model import LatentState  # noqa: E402
 
 LAMBDAS = (0.95, 0.8, 0.5, 0.0)
+COUNTERFACTUAL = (1, 4)  # draws per agent of the counterfactual baseline
 
 
 def explained_variance(target: torch.Tensor, pred: torch.Tensor) -> float:
@@ -81,12 +86,21 @@ def measure(checkpoint: str, episodes: int) -> dict:
     for lam in LAMBDAS:
         a, _ = gae(reward, values, traj.cont, pc.gamma, lam)
         by_lambda[str(lam)] = float(a.std())
+    share = lambda a: float(a.mean(-1, keepdim=True).expand_as(a).var()) / max(float(a.var()), 1e-12)  # noqa: E731
+    value_fn = lambda fa, fg: algo.critic(algo.critic_features(fa, fg))  # noqa: E731
+    adv0, _ = gae(reward, values, traj.cont, pc.gamma, 0.0)
+    cf = {}
+    for k in COUNTERFACTUAL:
+        b = algo._counterfactual(model, traj, learner.autocast, value_fn, samples=k)
+        a, a0 = adv + values[:-1] - b, adv0 + values[:-1] - b
+        cf[str(k)] = {"adv_std": float(a.std()), "common_share": share(a), "adv_std_lambda0": float(a0.std()),
+                      "common_share_lambda0": share(a0), "gap": float((b - values[:-1]).abs().mean())}
     return {"checkpoint": checkpoint, "env_steps": int(state["counters"]["env_steps"]), "episodes": episodes, "won": wins,
             "starts": int(starts.h_a.shape[0]), "agents": int(adv.shape[-1]), "horizon": H, "gae_lambda": pc.gae_lambda,
             "bootstrap": pc.bootstrap, "adv_std": total ** 0.5, "between_t_share": between_t / total if total > 0 else float("nan"),
             "common_share": float(common.expand_as(adv).var()) / total if total > 0 else float("nan"),
             "ev_all": explained_variance(ret.flatten(), values[:H].flatten()),
-            "by_t": by_t, "adv_std_by_lambda": by_lambda}
+            "by_t": by_t, "adv_std_by_lambda": by_lambda, "common_share_lambda0": share(adv0), "counterfactual": cf}
 
 
 def table(rows: list[dict]) -> str:
@@ -97,6 +111,19 @@ def table(rows: list[dict]) -> str:
         out.append(f"| `{r['checkpoint']}` | {r['env_steps']:,} | {r['won']}/{r['episodes']} | {r['starts']} | {r['ev_all']:.2f} | "
                    f"{r['between_t_share']:.3f} | {r['common_share']:.2f} | "
                    + " | ".join(f"{r['adv_std_by_lambda'][str(x)]:.2f}" for x in LAMBDAS) + " |")
+    if all("counterfactual" in r for r in rows):
+        out += ["", "With the per-agent counterfactual baseline (K draws per agent; advantage std and the share of its variance "
+                "common to the agents, at the run's λ and at λ=0; the λ=0 columns of the plain advantage for comparison):", "",
+                "| checkpoint | plain λ=0: std / common | " + " | ".join(f"K={k}: std / common | K={k}, λ=0: std / common | K={k}: mean abs(b - V)"
+                                                                  for k in COUNTERFACTUAL) + " |",
+                "|---|---:|" + "---:|---:|---:|" * len(COUNTERFACTUAL)]
+        for r in rows:
+            cells = []
+            for k in COUNTERFACTUAL:
+                c = r["counterfactual"][str(k)]
+                cells += [f"{c['adv_std']:.2f} / {c['common_share']:.2f}", f"{c['adv_std_lambda0']:.2f} / {c['common_share_lambda0']:.2f}",
+                          f"{c['gap']:.2f}"]
+            out.append(f"| `{r['checkpoint']}` | {r['adv_std_by_lambda']['0.0']:.2f} / {r['common_share_lambda0']:.2f} | " + " | ".join(cells) + " |")
     out += ["", "Per imagined step t (every other step): mean lambda-return / mean critic value / critic explained variance", ""]
     for r in rows:
         steps = " ".join(f"t{b['t']}: {b['ret']:.1f}/{b['value']:.1f}/{b['ev']:.2f}" for b in r["by_t"][::2])

@@ -294,5 +294,9 @@ def test_advantage_noise_splits_the_imagined_advantage_variance(tmp_path, capsys
     assert abs(row["adv_std_by_lambda"][str(row["gae_lambda"])] - row["adv_std"]) < 1e-3 * max(1.0, row["adv_std"])
     assert set(row["adv_std_by_lambda"]) == {"0.95", "0.8", "0.5", "0.0"}
     assert all(np.isfinite([b["ret"], b["value"], b["adv_std"]]).all() for b in row["by_t"])
+    assert set(row["counterfactual"]) == {"1", "4"}
+    for c in row["counterfactual"].values():
+        assert c["adv_std"] > 0 and 0.0 <= c["common_share"] <= 1.0 and 0.0 <= c["common_share_lambda0"] <= 1.0 and c["gap"] >= 0
     text = (tmp_path / "section.md").read_text()
     assert text.startswith("diagnosis:test") and "advantage_noise.py" in text and "explained variance" in text
+    assert "counterfactual baseline" in text

@@ -373,3 +373,135 @@ def test_explored_actions_get_no_negative_advantage():
     assert torch.equal(adv[~traj.explored], plain[~traj.explored])
     assert torch.equal(adv[traj.explored], plain[traj.explored].clamp_min(0))
     assert (plain[traj.explored] < 0).any()  # the case the clip is for occurs here
+
+
+# ------------------------------------------------------------------------------------------
+# ppo.counterfactual_samples: per-agent baselines from one-step model branches
+
+def _toy_counterfactual(N=3, A=4, M=5, H=2, logits=(0.0, 1.0, -1.0, 0.5), avail=None):
+    """An actor whose policy is ``softmax(logits)`` everywhere, an imagined trajectory with random
+    taken actions, and a toy branch: agent n's reward is 1 if it plays action 0, the next state's
+    value V_n is 2 if agent n plays action 1, continuation 1."""
+    from mabl.mappo import Imagined
+    from mabl.policy import Actor
+
+    actor = Actor(6, A, 8, 2, True, None)
+    with torch.no_grad():
+        actor.net[-1].weight.zero_()
+        actor.net[-1].bias.copy_(torch.tensor(logits))
+    raw = torch.randint(0, A, (H, M, N))
+    traj = Imagined(feat_a=torch.randn(H + 1, M, N, 6), feat_g=None, raw=raw, logp=torch.zeros(H, M, N), avail=avail,
+                    reward=torch.zeros(H, M, N), cont=torch.ones(H, M, N))
+
+    def branch(t, act):
+        assert act.shape == (act.shape[0], N, M, N, A)
+        return act[..., 0], torch.ones(act.shape[:-1]), 2.0 * act[..., 1]
+
+    return actor, traj, branch
+
+
+def test_counterfactual_baseline_by_hand():
+    """b_j = E_{a'_j ~ π_j}[r(a'_j, a_-j) + γ V_j]: with the toy branch, for the team reward
+    (mean_n≠j 1{a_n = 0} + π_j(0)) / N + 2γ π_j(1); for agent j's own reward π_j(0) + 2γ π_j(1);
+    without bootstrap the last step has no value term. Predicted availability masks the draws."""
+    from mabl.mappo import counterfactual_baseline
+
+    torch.manual_seed(0)
+    N, g = 3, 0.9
+    actor, traj, branch = _toy_counterfactual(N=N)
+    pi = torch.softmax(torch.tensor([0.0, 1.0, -1.0, 0.5]), 0)
+    K = 4000
+    team = counterfactual_baseline(branch, actor, traj, K, g, True, True)
+    zero = (traj.raw == 0).float()  # [H, M, N]
+    others = zero.sum(-1, keepdim=True) - zero
+    assert team.shape == traj.raw.shape
+    assert torch.allclose(team, (others + pi[0]) / N + 2 * g * pi[1], atol=0.05)
+    own = counterfactual_baseline(branch, actor, traj, K, g, True, False)
+    assert torch.allclose(own, (pi[0] + 2 * g * pi[1]).expand_as(own), atol=0.06)
+    no_boot = counterfactual_baseline(branch, actor, traj, K, g, False, False)
+    assert torch.allclose(no_boot[:-1], own[:-1], atol=0.08)
+    assert torch.allclose(no_boot[-1], pi[0].expand_as(no_boot[-1]), atol=0.04)
+    # action 1 unavailable: its value never enters, π renormalizes over the rest
+    avail = torch.ones(2, 5, N, 4, dtype=torch.bool)
+    avail[..., 1] = False
+    actor, traj, branch = _toy_counterfactual(N=N, avail=avail)
+    masked = counterfactual_baseline(branch, actor, traj, K, g, True, False)
+    pi_m = torch.softmax(torch.tensor([0.0, -1.0, 0.5]), 0)
+    assert torch.allclose(masked, pi_m[0].expand_as(masked), atol=0.04)
+
+
+def test_counterfactual_baseline_ignores_the_agents_own_action():
+    """A valid baseline: agent j's own imagined action never enters b_j (same draws, other result
+    only for the agents that saw j's action among the others')."""
+    from mabl.mappo import counterfactual_baseline
+
+    torch.manual_seed(1)
+    actor, traj, branch = _toy_counterfactual()
+    torch.manual_seed(2)
+    b = counterfactual_baseline(branch, actor, traj, 3, 0.9, True, True)
+    traj.raw[..., 0] = (traj.raw[..., 0] + 1) % 4  # agent 0 acts otherwise everywhere
+    torch.manual_seed(2)
+    b2 = counterfactual_baseline(branch, actor, traj, 3, 0.9, True, True)
+    assert torch.equal(b[..., 0], b2[..., 0])
+    assert not torch.equal(b[..., 1:], b2[..., 1:])
+
+
+@pytest.mark.parametrize("ablation", [{}, {"single_global": True}, {"bilevel": False}])
+def test_imagined_state_reads_the_carry_back(ablation):
+    """The carry rebuilt from the trajectory's features steps, under the taken actions, to the
+    trajectory's next deterministic states (h^a, h^g) exactly."""
+    from mabl.mappo import imagined_state
+
+    cfg = make_config("tiny", "smax:3m", {"model": ablation} if ablation else None)
+    torch.manual_seed(0)
+    model = BiLevelWorldModel(SPEC, cfg.model)
+    algo = MAPPO(SPEC, model, cfg.ppo)
+    traj = imagine(model, algo.actor, model.initial((4,)), horizon=3)
+    S = model.stoch
+    from mabl.fast import PLAIN, Speed
+
+    for t in range(3):
+        st = imagined_state(model, traj, t)
+        act = algo.actor.env_to_model_action(traj.raw[t])
+        nxt = model.imagine_step(st, act)
+        assert torch.allclose(nxt.h_a, traj.feat_a[t + 1][..., S:], atol=1e-6)
+        if model.bilevel:
+            assert st.h_g.shape[-2] == model.n_global
+            assert torch.allclose(model._expand_g(nxt.h_g), traj.feat_g[t + 1][..., S:], atol=1e-6)
+        # imagination with forced actions (the branches' path), plain and fused: the same next carry
+        for speed in (PLAIN, Speed(fused_heads=True)):
+            model.speed = speed
+            one = imagine(model, algo.actor, st, 1, actions=act.unsqueeze(0))
+            assert torch.equal(one.raw[0], act) and one.avail is None and not one.logp.any()
+            assert torch.allclose(one.feat_a[1][..., S:].float(), traj.feat_a[t + 1][..., S:], atol=1e-5)
+            if model.bilevel:
+                assert torch.allclose(one.feat_g[1][..., S:].float(), traj.feat_g[t + 1][..., S:], atol=1e-5)
+        model.speed = PLAIN
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_train_round_with_counterfactual_baseline(fast):
+    """Both critic paths train with the model-branch baselines; the baselines move the advantages,
+    not the critic's targets."""
+    from mabl.fast import Speed
+
+    cfg, model, algo, start = _setup(counterfactual_samples=2)
+    if fast:
+        model.speed = Speed(fast_critic=True, fused_heads=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = [p.clone() for p in algo.actor.parameters()]
+    stats = algo.train_round(model, start, contextlib.nullcontext)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert stats["cf_gap"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, algo.actor.parameters()))
+    traj = imagine(model, algo.actor, start, horizon=4)
+    values = torch.randn(5, *traj.raw.shape[1:])
+    baseline = torch.randn(traj.raw.shape)
+    algo.cfg = dataclasses.replace(algo.cfg, normalize_advantage=False)
+    adv, ret, _ = algo._advantages(traj, values, baseline)
+    adv0, ret0, _ = algo._advantages(traj, values)
+    assert torch.equal(ret, ret0)
+    assert torch.allclose(adv, adv0 + values[:-1] - baseline)
+    with pytest.raises(Exception, match="counterfactual_samples"):
+        make_config("tiny", "smax:3m", {"ppo": {"counterfactual_samples": -1}})

@@ -102,6 +102,16 @@ class PPOConfig:
     # real-env counterpart). Measured on SMAX 3m (0.1, seeds 0-1): entropy kept at ~0.3-0.4 nats and the
     # greedy behaviour no longer frozen, but fewer wins (0.54 / 0.52 of 100 fresh episodes at 50k).
     imagine_explore: float = 0.0
+    # Extension, not in the paper (0 = the paper): a per-agent counterfactual baseline from the world
+    # model. For every imagined step and agent j, this many alternative actions of agent j are drawn from
+    # the actor (the other agents' actions kept), each branch is stepped once through the frozen model,
+    # and b_j = mean of r' + γ c' V_j(s') over the branches replaces V_j(s_t) in the first TD error of
+    # agent j's GAE advantage: A_j = A_team + V_j(s_t) - b_j. b_j does not depend on agent j's own
+    # action (a valid baseline, no bias) but does on the others', so the part of the team advantage
+    # that their actions caused is taken out of agent j's (difference rewards / COMA, with the model's
+    # one-step branches instead of a learned Q). Cost: n_agents x this many extra model steps and
+    # critic values per imagined step. ``gae_lambda`` < 0.95 shrinks the later, still shared terms.
+    counterfactual_samples: int = 0
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
     epochs: int = 5  # Table 3 'Epochs per update'
     minibatch: int = 2000  # Table 3 'Batch size' (imagined joint states per gradient step)
@@ -336,7 +346,7 @@ _POSITIVE_FLOAT = {
     "model": ("lr", "grad_clip"),
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip", "return_range_floor"),
 }
-_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy", "entropy_target", "entropy_target_lr"), "run": ("min_buffer", "threads", "train_every_steps")}
+_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy", "entropy_target", "entropy_target_lr", "counterfactual_samples"), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
 _AT_MOST = {
     ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,

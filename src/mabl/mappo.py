@@ -86,6 +86,49 @@ def reach_weights(cont: torch.Tensor) -> torch.Tensor:
     return torch.cat([ones, cont[:-1]], 0).cumprod(0)
 
 
+def imagined_state(model: BiLevelWorldModel, traj: "Imagined", t: int) -> LatentState:
+    """The model carry (fp32) of imagined state ``t``, read back from the trajectory's features."""
+    S = model.stoch
+    fa = traj.feat_a[t].float()
+    if traj.feat_g is None:
+        return LatentState(h_a=fa[..., S:], z_a=fa[..., :S])
+    fg = traj.feat_g[t].float()[..., :model.n_global, :]  # a single global latent is seen per agent: keep one copy
+    return LatentState(h_a=fa[..., S:], z_a=fa[..., :S], h_g=fg[..., S:], z_g=fg[..., :S])
+
+
+def counterfactual_baseline(branch, actor: Actor, traj: "Imagined", samples: int, gamma: float, bootstrap: bool,
+                            team_reward: bool) -> torch.Tensor:
+    """Per-agent counterfactual baselines ``b [H, M, N]`` of an imagined trajectory (``ppo.counterfactual_samples``).
+
+    b_j(t) = E_{a'_j ~ π_j(.|s_t)} [ r(s_t, (a'_j, a_{-j})) + γ c V_j(s') ], estimated with ``samples``
+    draws of agent j's action from the actor (masked by the predicted availability of step t) while the
+    other agents keep theirs: the one-step return of the branch in which only agent j acted otherwise.
+    It does not depend on agent j's own action, so subtracting it leaves the policy gradient unbiased.
+
+    ``branch(t, action)`` steps the model once from imagined state t under model actions
+    ``[K, N, M, N, A]`` (K draws x N deviating agents; leading axes broadcast over the state) and
+    returns the transition's reward, continuation probability and the critic's value of the next
+    state, each ``[K, N, M, N]``. ``bootstrap=False`` takes V = 0 after the last imagined step (as
+    :meth:`MAPPO._advantages`); ``team_reward`` uses the agents' mean reward, else agent j's own.
+    """
+    H, M, N = traj.raw.shape[:3]
+    eye = torch.eye(N, dtype=torch.bool, device=traj.raw.device).view(1, N, 1, N, 1)  # [k, j, m, n, a]: n == j
+    out = []
+    for t in range(H):
+        avail = None if traj.avail is None else traj.avail[t]
+        params = actor.params(traj.feat_a[t].float(), avail)
+        taken = actor.env_to_model_action(traj.raw[t]).float()  # [M, N, A]
+        alt = torch.stack([actor.env_to_model_action(actor.sample_from_params(*params)[0]).float() for _ in range(samples)])
+        act = torch.where(eye, alt.unsqueeze(1), taken)  # [K, N, M, N, A]: branch (k, j) changes agent j only
+        reward, cont, value = branch(t, act)
+        if not bootstrap and t == H - 1:
+            value = torch.zeros_like(value)
+        diag = lambda x: x.diagonal(dim1=1, dim2=3)  # noqa: E731  [K, N(j), M, N] -> [K, M, N]: agent j's entry of branch j
+        r = reward.mean(-1).transpose(1, 2) if team_reward else diag(reward)
+        out.append((r + gamma * diag(cont) * diag(value)).mean(0))
+    return torch.stack(out)
+
+
 # ------------------------------------------------------------------------------------------
 # networks
 
@@ -158,18 +201,28 @@ class Imagined:
 
 
 @torch.no_grad()
-def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int, explore: float = 0.0) -> Imagined:
+def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int, explore: float = 0.0,
+            actions: torch.Tensor | None = None) -> Imagined:
     """Roll the priors ``horizon`` steps with the actor (§3.3): mask actions with the predicted
     availability, predict reward and termination after every step. No gradients flow.
     ``explore > 0`` (``ppo.imagine_explore``, not in the paper): :meth:`Actor.explore_from_params`
-    on every step's actions."""
+    on every step's actions. ``actions [horizon, M, N, A]`` (model actions: one-hot or squashed):
+    the agents play these instead (no availability or actor evaluated; ``raw`` holds them and
+    ``logp`` is 0), e.g. the one-step branches of :func:`counterfactual_baseline`."""
     if getattr(model, "speed", PLAIN).fused_heads:
-        return _imagine_fused(model, actor, start, horizon, explore)
+        return _imagine_fused(model, actor, start, horizon, explore, actions)
     st = start
     feats_a, feats_g, raws, logps, avails, rews, conts = [], [], [], [], [], [], []
     explored = []
-    for _ in range(horizon):
+    for t in range(horizon):
         fa, fg = model.features(st)
+        if actions is not None:
+            raws.append(actions[t]), logps.append(torch.zeros(actions.shape[1:-1], device=fa.device))
+            st = model.imagine_step(st, actions[t].to(fa.dtype))
+            heads = model.heads(st)
+            feats_a.append(fa), feats_g.append(fg)
+            rews.append(heads["reward"].float()), conts.append(torch.sigmoid(heads["cont"].float()))
+            continue
         avail = None
         if model.avail_head is not None:
             both = fa if fg is None else torch.cat([fa, fg], -1)
@@ -195,7 +248,8 @@ def imagine(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon:
 
 
 @torch.no_grad()
-def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int, explore: float = 0.0) -> Imagined:
+def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, horizon: int, explore: float = 0.0,
+                   actions: torch.Tensor | None = None) -> Imagined:
     """:func:`imagine` with every matmul of a state tensor done once for all its consumers.
 
     The features ``fa = [z^a, h^a]`` and ``fg = [z^g, h^g]`` of each imagined state are written
@@ -276,19 +330,23 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
                 conts.append(torch.sigmoid(cont))
             if t == horizon:
                 break
-            avail = None
-            if model.avail_head is not None:
-                a_logits = mlp_tail(model.avail_head, fl.out("avail", p_fa, p_fg), c)
-                avail = torch.bernoulli(torch.sigmoid(a_logits.float())).bool()
-                avails.append(avail)
-            out = mlp_tail(actor.net, fl.out("actor", p_fa), c)
-            params = actor.params_from_out(out, avail)
-            raw, _, logp = actor.sample_from_params(*params)
-            if explore > 0:
-                raw, logp, ex = actor.explore_from_params(params[0], raw, explore)
-                explored.append(ex)
-            raws.append(raw), logps.append(logp)
-            act = actor.env_to_model_action(raw).to(dt)
+            if actions is not None:  # forced actions: no availability, no actor
+                raws.append(actions[t]), logps.append(torch.zeros(actions.shape[1:-1], device=dev))
+                act = actions[t].to(dt)
+            else:
+                avail = None
+                if model.avail_head is not None:
+                    a_logits = mlp_tail(model.avail_head, fl.out("avail", p_fa, p_fg), c)
+                    avail = torch.bernoulli(torch.sigmoid(a_logits.float())).bool()
+                    avails.append(avail)
+                out = mlp_tail(actor.net, fl.out("actor", p_fa), c)
+                params = actor.params_from_out(out, avail)
+                raw, _, logp = actor.sample_from_params(*params)
+                if explore > 0:
+                    raw, logp, ex = actor.explore_from_params(params[0], raw, explore)
+                    explored.append(ex)
+                raws.append(raw), logps.append(logp)
+                act = actor.env_to_model_action(raw).to(dt)
             # transition (prior step), as BiLevelWorldModel.imagine_step
             x = F.relu(fl.out("in_a", p_za) + F.linear(act, W_aa))
             h_a = gru_update(F.linear(x, Wx_a, b_a) + fl.out("gru_a", p_ha), h_a, D)
@@ -388,7 +446,8 @@ class MAPPO(nn.Module):
             with torch.no_grad():
                 cin = self.critic_features(traj.feat_a, traj.feat_g)
                 values = self.critic(cin)
-        adv, ret, weight = self._advantages(traj, values)
+        baseline = self._counterfactual(model, traj, autocast, lambda fa, fg: self.critic(self.critic_features(fa, fg)))
+        adv, ret, weight = self._advantages(traj, values, baseline)
         H, M = traj.raw.shape[:2]
         K = H * M
         flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
@@ -420,15 +479,22 @@ class MAPPO(nn.Module):
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
         if self.return_range is not None:
             out["return_range"] = self.return_range
+        if baseline is not None:  # how far the counterfactual baselines sit from the state values
+            out["cf_gap"] = float((baseline - values[:-1]).abs().mean())
         return out
 
-    def _advantages(self, traj: Imagined, values: torch.Tensor):
-        """GAE advantages (normalized if configured), returns and reach weights of a trajectory."""
+    def _advantages(self, traj: Imagined, values: torch.Tensor, baseline: torch.Tensor | None = None):
+        """GAE advantages (normalized if configured), returns and reach weights of a trajectory.
+
+        ``baseline [H, M, N]`` (:func:`counterfactual_baseline`) replaces V_j(s_t) in the first TD
+        error of each agent's advantage; the critic's targets (returns) do not change."""
         cfg = self.cfg
         reward = traj.reward.mean(-1, keepdim=True).expand_as(traj.reward) if cfg.team_reward else traj.reward
         if not cfg.bootstrap:  # the return ends at the horizon: V(s_H) = 0
             values = torch.cat([values[:-1], torch.zeros_like(values[-1:])], 0)
         adv, ret = gae(reward, values, traj.cont, cfg.gamma, cfg.gae_lambda)
+        if baseline is not None:
+            adv = adv + values[:-1] - baseline
         if cfg.normalize_advantage and cfg.advantage_norm == "return_range":
             self.return_range = return_range_ema(ret, self.return_range, cfg.return_range_decay)
             adv = adv / max(cfg.return_range_floor, self.return_range)
@@ -437,6 +503,29 @@ class MAPPO(nn.Module):
         if traj.explored is not None:  # ppo.imagine_explore: a drawn action can be raised, never lowered
             adv = torch.where(traj.explored, adv.clamp_min(0.0), adv)
         return adv, ret, reach_weights(traj.cont)
+
+    def _counterfactual(self, model: BiLevelWorldModel, traj: Imagined, autocast, value_fn, samples: int | None = None) -> torch.Tensor | None:
+        """:func:`counterfactual_baseline` with one-step branches of the frozen model, ``samples``
+        (default ``ppo.counterfactual_samples``) draws per agent; None for 0. ``value_fn(fa, fg)`` is
+        the critic on features. The time counts as imagination."""
+        cfg = self.cfg
+        samples = cfg.counterfactual_samples if samples is None else samples
+        if samples <= 0:
+            return None
+        t0 = time.perf_counter()
+
+        def branch(t, act):  # act [K, N, M, N, A]: K*N*M joint states stepped once, as one imagination batch
+            lead = act.shape[:3]
+            st = imagined_state(model, traj, t).map(lambda x: x.expand(*lead[:2], *x.shape).reshape(-1, *x.shape[1:]))
+            with autocast():
+                one = imagine(model, self.actor, st, 1, actions=act.reshape(1, -1, *act.shape[3:]))
+                value = value_fn(one.feat_a[1], None if one.feat_g is None else one.feat_g[1])
+            return tuple(x.float().reshape(*lead, x.shape[-1]) for x in (one.reward[0], one.cont[0], value))
+
+        with torch.no_grad():
+            b = counterfactual_baseline(branch, self.actor, traj, samples, cfg.gamma, cfg.bootstrap, cfg.team_reward)
+        self.timings["imagine_s"] = self.timings.get("imagine_s", 0.0) + time.perf_counter() - t0
+        return b
 
     def _train_round_fast(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:
         """:meth:`train_round` with ``Speed.fast_critic``: features kept in the compute dtype (no
@@ -468,7 +557,8 @@ class MAPPO(nn.Module):
             sl = lambda x, i: None if x is None else x[i:i + chunk]  # noqa: E731
             values = torch.cat([self.critic.forward_split(parts(sl(flat_a, i), sl(flat_g, i)), dt, onehot(sl(fia, i), sl(fig, i)))
                                 for i in range(0, flat_a.shape[0], chunk)]).view(Hp1, M, -1)
-        adv, ret, weight = self._advantages(traj, values)
+        baseline = self._counterfactual(model, traj, autocast, lambda a, g: self.critic.forward_split(parts(a.to(dt), None if g is None else g.to(dt)), dt))
+        adv, ret, weight = self._advantages(traj, values, baseline)
         H, M = traj.raw.shape[:2]
         K = H * M
         flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
@@ -505,6 +595,8 @@ class MAPPO(nn.Module):
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
         if self.return_range is not None:
             out["return_range"] = self.return_range
+        if baseline is not None:  # how far the counterfactual baselines sit from the state values
+            out["cf_gap"] = float((baseline - values[:-1]).abs().mean())
         return out
 
     def _loss_fns(self, sp):
