@@ -505,3 +505,15 @@ def test_train_round_with_counterfactual_baseline(fast):
     assert torch.allclose(adv, adv0 + values[:-1] - baseline)
     with pytest.raises(Exception, match="counterfactual_samples"):
         make_config("tiny", "smax:3m", {"ppo": {"counterfactual_samples": -1}})
+
+
+def test_counterfactual_baseline_with_continuous_actions():
+    cfg = make_config("tiny", "smax:3m", {"ppo": {"counterfactual_samples": 2}})
+    cont = EnvSpec("test:cont", n_agents=2, obs_dim=5, state_dim=4, action_dim=3, discrete=False)
+    torch.manual_seed(0)
+    model = BiLevelWorldModel(cont, cfg.model)
+    algo = MAPPO(cont, model, cfg.ppo)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    stats = algo.train_round(model, model.initial((6,)), contextlib.nullcontext)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()) and stats["cf_gap"] > 0
