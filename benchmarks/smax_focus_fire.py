@@ -25,12 +25,16 @@ actions; one imagination of ``ppo.horizon`` steps each, with the learner's criti
   two or more targets whose decoded health differs by >= 0.1, the actor's probability of the decoded
   weakest target, relative to all attacks;
 * ``advantage, weakest / other``: the mean (normalized, as PPO uses it) advantage of the sampled attacks
-  on the decoded weakest target and on the others. PPO moves the policy toward whichever is larger.
+  on the decoded weakest target and on the others. PPO moves the policy toward whichever is larger;
+* the same difference (weakest minus other) for the one-step advantage (λ = 0), and with the per-agent
+  counterfactual baseline of ``ppo.counterfactual_samples`` (``CF_SAMPLES`` draws) at the run's λ and at
+  λ = 0: whether crediting each agent with what its own choice changed tells it to focus.
 
 Prints a table and one JSON line; ``--write NAME`` also puts the table into BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -50,6 +54,8 @@ from mabl.mappo import imagine  # noqa: E402
 from mabl.train import evaluate, load_for_eval, run_episode  # noqa: E402
 
 MIN_GAP = 0.1  # decoded health fractions closer than this are not ranked in imagination
+CF_SAMPLES = 4  # draws per agent of the counterfactual baseline
+VARIANTS = ("lambda0", "cf", "cf_lambda0")  # advantage variants besides the run's own (see the docstring)
 
 
 def weakest_target(layout: ObsLayout, obs: np.ndarray, targets: np.ndarray) -> int:
@@ -109,6 +115,9 @@ def measure(checkpoint: str, episodes: int) -> dict:
             ts = env.step(act)
     # imagination from the posterior states of sampled-action episodes, with the learner's advantages
     p_weakest, adv_weakest, adv_other = [], [], []
+    gaps = {v: ([], []) for v in VARIANTS}  # variant -> (advantages on the weakest, on the others)
+    lam0 = dataclasses.replace(algo.cfg, gae_lambda=0.0)
+    value_fn = lambda fa, fg: algo.critic(algo.critic_features(fa, fg))  # noqa: E731
     for e in range(episodes):
         ep, _ = run_episode(env, policy, FINAL_SEED + e, False, cpu)
         post, _ = episode_posterior(learner, ep)
@@ -117,6 +126,15 @@ def measure(checkpoint: str, episodes: int) -> dict:
             traj = imagine(model, algo.actor, post.map(lambda x: x[:, 0][keep]), cfg.ppo.horizon)
             values = algo.critic(algo.critic_features(traj.feat_a, traj.feat_g)).float()
         adv, _, reach = algo._advantages(traj, values)
+        b = algo._counterfactual(model, traj, learner.autocast, value_fn, samples=CF_SAMPLES)
+        run_cfg, variants = algo.cfg, {}
+        variants["cf"] = algo._advantages(traj, values, b)[0].numpy()
+        algo.cfg = lam0
+        try:
+            variants["lambda0"] = algo._advantages(traj, values)[0].numpy()
+            variants["cf_lambda0"] = algo._advantages(traj, values, b)[0].numpy()
+        finally:
+            algo.cfg = run_cfg
         fa = traj.feat_a[:-1].float()
         decoded = model.obs_decoder(fa).float().numpy()
         probs = algo.actor.params(fa, traj.avail)[0].float().softmax(-1).numpy()
@@ -129,24 +147,31 @@ def measure(checkpoint: str, episodes: int) -> dict:
             best = int(targets[np.argmin(health)])
             p_weakest.append(probs[k, m, i, N_MOVE + best] / max(probs[k, m, i, N_MOVE + targets].sum(), 1e-8))
             if raw[k, m, i] >= N_MOVE:
-                (adv_weakest if raw[k, m, i] - N_MOVE == best else adv_other).append(float(adv[k, m, i]))
+                on_best = raw[k, m, i] - N_MOVE == best
+                (adv_weakest if on_best else adv_other).append(float(adv[k, m, i]))
+                for v, a in variants.items():
+                    gaps[v][0 if on_best else 1].append(float(a[k, m, i]))
     mean = lambda x: float(np.mean(x)) if len(x) else float("nan")  # noqa: E731
     return {"checkpoint": checkpoint, "env_steps": int(state["counters"]["env_steps"]), "episodes": episodes,
             "win": own["win_rate"], "win_target_weakest": forced["win_rate"],
             "real_attack_steps": len(on_weakest), "attacks_on_weakest": mean(on_weakest),
             "decoder_finds_weakest": mean(decoder_right), "imagined_steps": len(p_weakest),
             "imagined_p_weakest": mean(p_weakest), "advantage_weakest": mean(adv_weakest),
-            "advantage_other": mean(adv_other), "imagined_attacks": [len(adv_weakest), len(adv_other)]}
+            "advantage_other": mean(adv_other), "imagined_attacks": [len(adv_weakest), len(adv_other)],
+            "advantage_gap": {v: mean(w) - mean(o) for v, (w, o) in gaps.items()}}
 
 
 def table(rows: list[dict]) -> str:
     out = ["| checkpoint | env steps | win | win, target = weakest | attacks on the weakest | decoder finds the weakest | "
-           "imagined: actor p(weakest) | advantage, weakest / other (attacks) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+           "imagined: actor p(weakest) | advantage, weakest / other (attacks) | weakest - other: λ=0 | "
+           f"counterfactual baseline (K={CF_SAMPLES}) | counterfactual, λ=0 |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         nw, no = r["imagined_attacks"]
+        g = r.get("advantage_gap", {})
         out.append(f"| `{r['checkpoint']}` | {r['env_steps']:,} | {r['win']:.2f} | {r['win_target_weakest']:.2f} | "
                    f"{r['attacks_on_weakest']:.2f} (of {r['real_attack_steps']}) | {r['decoder_finds_weakest']:.2f} | "
-                   f"{r['imagined_p_weakest']:.2f} | {r['advantage_weakest']:+.3f} / {r['advantage_other']:+.3f} ({nw} / {no}) |")
+                   f"{r['imagined_p_weakest']:.2f} | {r['advantage_weakest']:+.3f} / {r['advantage_other']:+.3f} ({nw} / {no}) | "
+                   + " | ".join(f"{g.get(v, float('nan')):+.3f}" for v in VARIANTS) + " |")
     return "\n".join(out)
 
 

@@ -200,7 +200,9 @@ def test_smax_focus_fire_measures_target_choice(tmp_path, capsys, monkeypatch):
     for key in ("attacks_on_weakest", "decoder_finds_weakest"):  # nan when no step had two targets of different health
         assert np.isnan(row[key]) or 0.0 <= row[key] <= 1.0, key
     assert sum(row["imagined_attacks"]) <= row["imagined_steps"]
+    assert set(row["advantage_gap"]) == set(sff.VARIANTS)
     assert "target = weakest" in (tmp_path / "section.md").read_text()
+    assert "counterfactual baseline" in (tmp_path / "section.md").read_text()
     # the override attacks the weakest enemy in range whenever there is one, and the carry sees that action
     from mabl.envs import make_env
     from mabl.train import load_for_eval
