@@ -320,8 +320,9 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
                 fg_buf[t, ..., :S] = model._expand_g(z_g)
                 fg_buf[t, ..., S:] = model._expand_g(h_g)
             ig_n = None if ig is None else model._expand_g(ig)
-            p_fa = proj("fa", fa_buf[t], ia)
-            p_fg = proj("fg", fg_buf[t], ig_n) if bil else None
+            if t > 0 or actions is None:  # the heads' and actor's first layers (forced actions: no actor at t=0)
+                p_fa = proj("fa", fa_buf[t], ia)
+                p_fg = proj("fg", fg_buf[t], ig_n) if bil else None
             if ia is not None:  # kept for the PPO epochs
                 ias.append(ia), igs.append(ig_n)
             if t > 0:  # reward and termination of the transition into state t
