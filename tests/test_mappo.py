@@ -340,11 +340,12 @@ def test_imagine_explore_config_errors():
         MAPPO(cont, BiLevelWorldModel(cont, cfg.model), cfg.ppo)
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_train_round_with_imagination_exploration(fast):
+def _round_on_both_paths(fast: bool, **ppo):
+    """One training round with these ``ppo`` options on the plain or the fast critic path: finite
+    statistics, the actor moved. Returns ``(model, algo, start, stats)``."""
     from mabl.fast import Speed
 
-    cfg, model, algo, start = _setup(imagine_explore=0.2)
+    cfg, model, algo, start = _setup(**ppo)
     if fast:
         model.speed = Speed(fast_critic=True, fused_heads=True)
     for p in model.parameters():
@@ -353,6 +354,12 @@ def test_train_round_with_imagination_exploration(fast):
     stats = algo.train_round(model, start, contextlib.nullcontext)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, algo.actor.parameters()))
+    return model, algo, start, stats
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_train_round_with_imagination_exploration(fast):
+    _round_on_both_paths(fast, imagine_explore=0.2)
 
 
 def test_explored_actions_get_no_negative_advantage():
@@ -483,18 +490,8 @@ def test_imagined_state_reads_the_carry_back(ablation):
 def test_train_round_with_counterfactual_baseline(fast):
     """Both critic paths train with the model-branch baselines; the baselines move the advantages,
     not the critic's targets."""
-    from mabl.fast import Speed
-
-    cfg, model, algo, start = _setup(counterfactual_samples=2)
-    if fast:
-        model.speed = Speed(fast_critic=True, fused_heads=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    before = [p.clone() for p in algo.actor.parameters()]
-    stats = algo.train_round(model, start, contextlib.nullcontext)
-    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    model, algo, start, stats = _round_on_both_paths(fast, counterfactual_samples=2)
     assert stats["cf_gap"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, algo.actor.parameters()))
     traj = imagine(model, algo.actor, start, horizon=4)
     values = torch.randn(5, *traj.raw.shape[1:])
     baseline = torch.randn(traj.raw.shape)
