@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import platform
 import shlex
@@ -146,13 +147,19 @@ def steal_note(summary: dict) -> str:
         " (other guests took that share of this VM's CPU: wall times are inflated)" if steal >= 0.1 else "")
 
 
+@functools.lru_cache(maxsize=None)
 def commit() -> str:
+    """The short HEAD commit, ``+dirty`` with uncommitted changes to tracked files. Taken once, when this
+    module is imported (below), so the report's own output files (tracked CSVs, curves) do not mark it dirty."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+commit()
 
 
 def episode_posterior(learner, ep: dict):
