@@ -113,6 +113,7 @@ def counterfactual_baseline(branch, actor: Actor, traj: "Imagined", samples: int
     """
     H, M, N = traj.raw.shape[:3]
     eye = torch.eye(N, dtype=torch.bool, device=traj.raw.device).view(1, N, 1, N, 1)  # [k, j, m, n, a]: n == j
+    diag = lambda x: x.diagonal(dim1=1, dim2=3)  # noqa: E731  [K, N(j), M, N] -> [K, M, N]: agent j's entry of branch j
     out = []
     for t in range(H):
         avail = None if traj.avail is None else traj.avail[t]
@@ -123,7 +124,6 @@ def counterfactual_baseline(branch, actor: Actor, traj: "Imagined", samples: int
         reward, cont, value = branch(t, act)
         if not bootstrap and t == H - 1:
             value = torch.zeros_like(value)
-        diag = lambda x: x.diagonal(dim1=1, dim2=3)  # noqa: E731  [K, N(j), M, N] -> [K, M, N]: agent j's entry of branch j
         r = reward.mean(-1).transpose(1, 2) if team_reward else diag(reward)
         out.append((r + gamma * diag(cont) * diag(value)).mean(0))
     return torch.stack(out)
@@ -474,6 +474,12 @@ class MAPPO(nn.Module):
                 stats["critic_loss"] += float(critic_loss.detach())
                 stats["entropy"] += float(ent.detach().mean())
                 stats["n"] += 1
+        return self._round_stats(stats, traj, values, ret, baseline)
+
+    def _round_stats(self, stats: dict, traj: Imagined, values: torch.Tensor, ret: torch.Tensor,
+                     baseline: torch.Tensor | None) -> dict[str, float]:
+        """A round's metrics: the minibatch means in ``stats`` (summed, with their count ``n``) and the
+        imagined batch's reward, continuation, value, return and schedules."""
         n = max(stats.pop("n"), 1)
         out = {k: v / n for k, v in stats.items()}
         out.update(imag_reward=float(traj.reward.mean()), imag_cont=float(traj.cont.mean()),
@@ -590,15 +596,7 @@ class MAPPO(nn.Module):
                 stats["critic_loss"] += float(critic_loss.detach())
                 stats["entropy"] += float(ent.mean())
                 stats["n"] += 1
-        n = max(stats.pop("n"), 1)
-        out = {k: v / n for k, v in stats.items()}
-        out.update(imag_reward=float(traj.reward.mean()), imag_cont=float(traj.cont.mean()),
-                   value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
-        if self.return_range is not None:
-            out["return_range"] = self.return_range
-        if baseline is not None:  # how far the counterfactual baselines sit from the state values
-            out["cf_gap"] = float((baseline - values[:-1]).abs().mean())
-        return out
+        return self._round_stats(stats, traj, values, ret, baseline)
 
     def _loss_fns(self, sp):
         """The minibatch losses of the fast path (optionally ``torch.compile``d)."""
