@@ -514,3 +514,115 @@ def test_counterfactual_baseline_with_continuous_actions():
         p.requires_grad_(False)
     stats = algo.train_round(model, model.initial((6,)), contextlib.nullcontext)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()) and stats["cf_gap"] > 0
+
+
+# -- ppo.self_imitation ----------------------------------------------------------------------
+
+def test_real_returns_by_hand():
+    """Two sequences of 5 steps: one with a terminal step 2 and a new episode at 3, one cut at the end."""
+    from mabl.mappo import real_returns
+
+    g = 0.5
+    r = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]).unsqueeze(-1)  # [T, B, 1]
+    v = torch.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0], [50.0, 50.0]]).unsqueeze(-1)
+    cont = torch.ones(5, 2)
+    cont[2, 0] = 0.0
+    first = torch.zeros(5, 2, dtype=torch.bool)
+    first[0] = True
+    first[3, 0] = True
+    G, acted = real_returns(r, cont, first, v, g)
+    # sequence 0: step 4 cut -> V=50; step 3 acts: r4 + g*50 = 29; step 2 terminal -> 0 (no action);
+    # step 1: r2 + g*c2*G2 = 2; step 0: r1 + g*2 = 2
+    assert torch.allclose(G[:, 0, 0], torch.tensor([2.0, 2.0, 0.0, 29.0, 50.0]))
+    # sequence 1: G4 = 50, G3 = 4 + 25 = 29, G2 = 3 + 14.5, G1 = 2 + 8.75, G0 = 1 + 5.375
+    assert torch.allclose(G[:, 1, 0], torch.tensor([6.375, 10.75, 17.5, 29.0, 50.0]))
+    assert acted[:, 0].tolist() == [True, True, False, True, False]
+    assert acted[:, 1].tolist() == [True, True, True, True, False]
+    # a time-limit truncation (new episode after a non-terminal step) is cut with the step's value
+    cont[2, 0] = 1.0
+    G, acted = real_returns(r, cont, first, v, g)
+    assert float(G[2, 0, 0]) == 30.0 and not bool(acted[2, 0])
+
+
+def test_self_imitation_losses_only_pull_toward_better_than_expected():
+    from mabl.mappo import self_imitation_losses
+
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    values = torch.tensor([1.0, 3.0, 0.0], requires_grad=True)
+    returns = torch.tensor([2.0, 1.0, 4.0])
+    actor, critic = self_imitation_losses(logp, values, returns, scale=2.0)
+    assert torch.allclose(actor, torch.tensor([0.5, 0.0, 1.0]))  # -logp * (G - V)+ / 2
+    assert torch.allclose(critic, torch.tensor([0.5, 0.0, 8.0]))
+    (actor.sum() + critic.sum()).backward()
+    assert torch.allclose(logp.grad, torch.tensor([-0.5, 0.0, -2.0]))  # raise log pi where G > V
+    assert torch.allclose(values.grad, torch.tensor([-1.0, 0.0, -4.0]))  # the weight is not a path to V
+
+
+def _real_batch(T=6, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, A = SPEC.n_agents, SPEC.action_dim
+    act = torch.nn.functional.one_hot(torch.randint(0, A, (T, B, n), generator=g), A).float()
+    act[0] = 0
+    avail = torch.rand(T, B, n, A, generator=g) > 0.3
+    avail[:-1] |= act[1:].bool()  # the action taken at t (stored at t+1) was available at t
+    is_first = torch.zeros(T, B, dtype=torch.bool)
+    is_first[0] = True
+    return {"obs": torch.randn(T, B, n, SPEC.obs_dim, generator=g), "state": torch.randn(T, B, SPEC.state_dim, generator=g),
+            "prev_action": act, "reward": torch.rand(T, B, n, generator=g) * 5, "cont": torch.ones(T, B),
+            "avail": avail, "is_first": is_first}
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_train_round_with_self_imitation(fast):
+    """A round with the replayed sequences: the self-imitation steps run on both critic paths and raise
+    the actor's log-probability of the replayed actions that beat the critic."""
+    from mabl.fast import Speed
+
+    cfg, model, algo, start = _setup(self_imitation=50.0, self_imitation_value=1.0, actor_lr=1e-3)
+    if fast:
+        model.speed = Speed(fast_critic=True, fused_heads=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch = _real_batch()
+    with torch.no_grad():
+        post, _, _ = model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
+    sil = algo._real_steps(model, (post, batch), contextlib.nullcontext)
+    assert sil.raw.shape == (5 * 3, SPEC.n_agents)  # every step but the last acted
+    assert torch.equal(sil.raw, batch["prev_action"][1:].argmax(-1).flatten(0, 1))
+
+    def better_logp():
+        with torch.no_grad():
+            v = algo.critic(algo.critic_features(sil.feat_a, sil.feat_g))
+            logp, _ = algo.actor.log_prob_entropy(sil.feat_a, sil.raw, sil.avail)
+        return logp, (sil.returns - v) > 0
+
+    logp0, better = better_logp()
+    assert better.any()
+    algo.adv_scale = 1.0
+    for _ in range(5):
+        algo._self_imitation_step(sil, contextlib.nullcontext, None, {})
+    logp1, _ = better_logp()
+    assert float((logp1 - logp0)[better].mean()) > 0
+    stats = algo.train_round(model, start, contextlib.nullcontext, real=(post, batch))
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert stats["sil_gap"] >= 0 and 0 <= stats["sil_active"] <= 1
+    with pytest.raises(Exception, match="self_imitation"):
+        make_config("tiny", "smax:3m", {"ppo": {"self_imitation": -1.0}})
+
+
+def test_learner_passes_the_replayed_sequences_only_when_self_imitation_is_on():
+    import numpy as np
+
+    from mabl.buffer import ReplayBuffer
+    from mabl.learner import MABLLearner
+
+    for coef in (0.0, 1.0):
+        cfg = make_config("tiny", "smax:3m", {"ppo": {"self_imitation": coef}})
+        learner = MABLLearner(SPEC, cfg)
+        buf = ReplayBuffer(SPEC, 1000)
+        b = _real_batch(T=40, B=1)
+        ep = {k: v[:, 0].numpy() for k, v in b.items()}
+        ep["cont"][-1] = 0.0
+        buf.add_episode(ep)
+        m = learner.update(buf, np.random.default_rng(0))
+        assert ("policy/sil_gap" in m) == (coef > 0)

@@ -112,6 +112,17 @@ class PPOConfig:
     # one-step branches instead of a learned Q). Cost: n_agents x this many extra model steps and
     # critic values per imagined step. ``gae_lambda`` < 0.95 shrinks the later, still shared terms.
     counterfactual_samples: int = 0
+    # Extension, not in the paper (0 = the paper): self-imitation on the *real* sequences that a round's
+    # imagination starts come from (Oh et al. 2018, "Self-Imitation Learning"). Each step t of those
+    # sequences gets the observed team return G_t (real rewards to the episode's end, bootstrapped with
+    # the critic where the sequence is cut); after every PPO epoch the actor takes one step on
+    # -this * log π(a_t | z^a_t, h^a_t) * max(G_t - V(s_t), 0) / σ, σ the std of the round's imagined
+    # advantages before normalization (so the weights are on PPO's advantage scale), and the critic one
+    # on self_imitation_value * ½ max(G_t - V(s_t), 0)². Only real actions that did better than the
+    # critic expects are imitated: the real outcome (a won battle) reaches the actor without passing
+    # through the model's dynamics. The actor still acts on its own (z^a, h^a) only.
+    self_imitation: float = 0.0
+    self_imitation_value: float = 0.01
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
     epochs: int = 5  # Table 3 'Epochs per update'
     minibatch: int = 2000  # Table 3 'Batch size' (imagined joint states per gradient step)
@@ -346,7 +357,8 @@ _POSITIVE_FLOAT = {
     "model": ("lr", "grad_clip"),
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip", "return_range_floor"),
 }
-_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy", "entropy_target", "entropy_target_lr", "counterfactual_samples"), "run": ("min_buffer", "threads", "train_every_steps")}
+_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy", "entropy_target", "entropy_target_lr", "counterfactual_samples",
+                                                                                    "self_imitation", "self_imitation_value"), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
 _AT_MOST = {
     ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,

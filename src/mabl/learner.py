@@ -114,14 +114,16 @@ class MABLLearner:
         return out
 
     @torch.no_grad()
-    def starts(self, batch: dict[str, torch.Tensor]):
+    def starts(self, batch: dict[str, torch.Tensor], return_posterior: bool = False):
         """Imagination starts ``[M, N, ...]``: the posterior states of every non-terminal step of the
         sampled sequences. A terminal step (``cont == 0``) has no future: the model never saw a
-        transition out of one, so a rollout from it would be invented (DreamerV3 zero-weights them)."""
+        transition out of one, so a rollout from it would be invented (DreamerV3 zero-weights them).
+        With ``return_posterior``: ``(starts, post)``, post the ``[T, B, ...]`` posterior states."""
         with self.autocast():
             post, _, _ = self.model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
         keep = batch["cont"].flatten(0, 1) > 0
-        return post.map(lambda x: x.flatten(0, 1)[keep])
+        starts = post.map(lambda x: x.flatten(0, 1)[keep])
+        return (starts, post) if return_posterior else starts
 
     def update(self, buffer: ReplayBuffer, rng: np.random.Generator) -> dict[str, float]:
         """All post-episode learning (Algorithm 1, lines 5-14).
@@ -147,9 +149,13 @@ class MABLLearner:
                 ts = time.perf_counter()
                 batch = buffer.sample(pc.imagine_batch, pc.imagine_seq_len, rng, self.device, mc.recent_fraction,
                                       mc.recent_window)
-                starts = self.starts(batch)
+                if pc.self_imitation > 0:  # the replayed sequences go along (MAPPO.train_round's ``real``)
+                    starts, post = self.starts(batch, return_posterior=True)
+                    extra = {"real": (post, batch)}
+                else:
+                    starts, extra = self.starts(batch), {}
                 t_imag += time.perf_counter() - ts
-                a = self.algo.train_round(self.model, starts, self.autocast, self.guard)
+                a = self.algo.train_round(self.model, starts, self.autocast, self.guard, **extra)
                 t_imag += float(getattr(self.algo, "timings", {}).get("imagine_s", 0.0))
             metrics.update({f"policy/{k}": v for k, v in a.items()})
         finally:

@@ -132,6 +132,39 @@ def counterfactual_baseline(branch, actor: Actor, traj: "Imagined", samples: int
 # ------------------------------------------------------------------------------------------
 # networks
 
+def real_returns(reward: torch.Tensor, cont: torch.Tensor, is_first: torch.Tensor, values: torch.Tensor,
+                 gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observed discounted returns along replayed sequences (``ppo.self_imitation``).
+
+    Buffer layout (:mod:`mabl.buffer`): step t holds the reward for arriving at t, cont_t and
+    is_first_t; the action taken at t is stored as step t+1's previous action. So for the action at t:
+    G_t = r_{t+1} + γ c_{t+1} G_{t+1}; where the sequence is cut (its last step, or a step followed by
+    a new episode without being terminal, a time-limit truncation) G_t = c_t V(s_t). ``reward`` and
+    ``values`` ``[T, B, N]``, ``cont`` / ``is_first`` ``[T, B]``. Returns ``(G [T, B, N], acted [T, B])``,
+    ``acted`` marking the steps whose action lies inside the sequence (t < T-1, not terminal, next step
+    of the same episode)."""
+    T = reward.shape[0]
+    cont, first = cont.float(), is_first.bool()
+    G = torch.empty_like(values)
+    G[-1] = cont[-1, :, None] * values[-1]
+    for t in range(T - 2, -1, -1):
+        cut = cont[t, :, None] * values[t]
+        nxt = reward[t + 1] + gamma * cont[t + 1, :, None] * G[t + 1]
+        G[t] = torch.where(first[t + 1, :, None], cut, nxt)
+    acted = torch.zeros_like(first)
+    acted[:-1] = ~first[1:] & (cont[:-1] > 0)
+    return G, acted
+
+
+def self_imitation_losses(logp: torch.Tensor, values: torch.Tensor, returns: torch.Tensor, scale: float):
+    """Self-imitation (Oh et al. 2018) on replayed actions, per sample (``ppo.self_imitation``).
+
+    Actor: -log π(a_t) * max(G_t - V_t, 0) / scale, the weight held fixed; critic: ½ max(G_t - V_t, 0)²
+    (pulls V up toward returns it under-predicts, never down). Returns ``(actor, critic)``."""
+    gap = (returns - values).clamp_min(0.0)
+    return -logp * (gap.detach() / scale), 0.5 * gap ** 2
+
+
 class AttentionCritic(nn.Module):
     """V(ẑ^i, h^{a,i}, h^{g,i}) with one self-attention block across agents (as in MAMBA/MABL)."""
 
@@ -198,6 +231,18 @@ class Imagined:
     idx_g: torch.Tensor | None = None
     # ppo.imagine_explore: [H, M, N] bool, where the action is an exploration draw, not the actor's
     explored: torch.Tensor | None = None
+
+
+@dataclass
+class RealSteps:
+    """Replayed steps for ``ppo.self_imitation``: K (sequence, step) pairs where an action was taken,
+    all agents of each (the critic attends across them)."""
+
+    feat_a: torch.Tensor  # [K, N, Fa] posterior agent features (z^a_t, h^a_t)
+    feat_g: torch.Tensor | None  # [K, N, Fg]
+    raw: torch.Tensor  # [K, N] action indices or [K, N, A] pre-squash actions
+    avail: torch.Tensor | None  # [K, N, A] the env's action masks at t
+    returns: torch.Tensor  # [K, N] observed return G_t (real_returns)
 
 
 @torch.no_grad()
@@ -404,6 +449,7 @@ class MAPPO(nn.Module):
         self.actor_opt = fused_adam(self.actor.parameters(), cfg.actor_lr, fused)
         self.critic_opt = fused_adam(self.critic.parameters(), cfg.critic_lr, fused)
         self.entropy_coef = cfg.entropy
+        self.adv_scale = 1.0  # what the last round's advantages were divided by (_advantages)
         self.return_range: float | None = None  # EMA of the imagined returns' P95 - P5 (advantage_norm="return_range")
         self._stoch = model.stoch  # width of a one-hot latent (the first columns of fa and fg)
         self.timings: dict[str, float] = {}
@@ -431,13 +477,16 @@ class MAPPO(nn.Module):
         rr = state.get("return_range")  # absent before the first return-range batch and in older checkpoints
         self.return_range = None if rr is None else float(rr)
 
-    def train_round(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:
+    def train_round(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None,
+                    real: tuple[LatentState, dict] | None = None) -> dict[str, float]:
         """One imagination round + ``epochs`` PPO epochs (Table 3: one of the 4 'updates').
 
+        ``real = (post, batch)``: the posterior states ``[T, B, ...]`` and the replayed sequences the
+        starts come from, for ``ppo.self_imitation`` (ignored when that is 0).
         ``self.timings['imagine_s']`` holds the time spent imagining (the rest is policy learning).
         """
         if getattr(model, "speed", PLAIN).fast_critic:
-            return self._train_round_fast(model, starts, autocast, guard)
+            return self._train_round_fast(model, starts, autocast, guard, real)
         cfg = self.cfg
         t0 = time.perf_counter()
         with autocast():
@@ -449,6 +498,7 @@ class MAPPO(nn.Module):
                 values = self.critic(cin)
         baseline = self._counterfactual(model, traj, autocast, lambda fa, fg: self.critic(self.critic_features(fa, fg)))
         adv, ret, weight = self._advantages(traj, values, baseline)
+        sil = self._real_steps(model, real, autocast)
         H, M = traj.raw.shape[:2]
         K = H * M
         flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
@@ -474,6 +524,8 @@ class MAPPO(nn.Module):
                 stats["critic_loss"] += float(critic_loss.detach())
                 stats["entropy"] += float(ent.detach().mean())
                 stats["n"] += 1
+            if sil is not None:
+                self._self_imitation_step(sil, autocast, guard, stats)
         return self._round_stats(stats, traj, values, ret, baseline)
 
     def _round_stats(self, stats: dict, traj: Imagined, values: torch.Tensor, ret: torch.Tensor,
@@ -481,7 +533,8 @@ class MAPPO(nn.Module):
         """A round's metrics: the minibatch means in ``stats`` (summed, with their count ``n``) and the
         imagined batch's reward, continuation, value, return and schedules."""
         n = max(stats.pop("n"), 1)
-        out = {k: v / n for k, v in stats.items()}
+        n_sil = max(stats.pop("sil_steps", 0), 1)
+        out = {k: v / (n_sil if k.startswith("sil_") else n) for k, v in stats.items()}
         out.update(imag_reward=float(traj.reward.mean()), imag_cont=float(traj.cont.mean()),
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
         if self.return_range is not None:
@@ -502,11 +555,14 @@ class MAPPO(nn.Module):
         adv, ret = gae(reward, values, traj.cont, cfg.gamma, cfg.gae_lambda)
         if baseline is not None:
             adv = adv + values[:-1] - baseline
+        self.adv_scale = 1.0  # what the advantages are divided by (ppo.self_imitation's weights use it too)
         if cfg.normalize_advantage and cfg.advantage_norm == "return_range":
             self.return_range = return_range_ema(ret, self.return_range, cfg.return_range_decay)
-            adv = adv / max(cfg.return_range_floor, self.return_range)
+            self.adv_scale = max(cfg.return_range_floor, self.return_range)
+            adv = adv / self.adv_scale
         elif cfg.normalize_advantage:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+            self.adv_scale = float(adv.std()) + 1e-6
+            adv = (adv - adv.mean()) / self.adv_scale
         if traj.explored is not None:  # ppo.imagine_explore: a drawn action can be raised, never lowered
             adv = torch.where(traj.explored, adv.clamp_min(0.0), adv)
         return adv, ret, reach_weights(traj.cont)
@@ -534,7 +590,8 @@ class MAPPO(nn.Module):
         self.timings["imagine_s"] = self.timings.get("imagine_s", 0.0) + time.perf_counter() - t0
         return b
 
-    def _train_round_fast(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None) -> dict[str, float]:
+    def _train_round_fast(self, model: BiLevelWorldModel, starts: LatentState, autocast, guard=None,
+                          real: tuple[LatentState, dict] | None = None) -> dict[str, float]:
         """:meth:`train_round` with ``Speed.fast_critic``: features kept in the compute dtype (no
         2560-wide critic input is ever built), critic values of all imagined states in chunked
         no-grad passes, the critic via :meth:`AttentionCritic.forward_split`. Same losses, same
@@ -566,6 +623,7 @@ class MAPPO(nn.Module):
                                 for i in range(0, flat_a.shape[0], chunk)]).view(Hp1, M, -1)
         baseline = self._counterfactual(model, traj, autocast, lambda a, g: self.critic.forward_split(parts(a.to(dt), None if g is None else g.to(dt)), dt))
         adv, ret, weight = self._advantages(traj, values, baseline)
+        sil = self._real_steps(model, real, autocast)
         H, M = traj.raw.shape[:2]
         K = H * M
         flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
@@ -596,7 +654,52 @@ class MAPPO(nn.Module):
                 stats["critic_loss"] += float(critic_loss.detach())
                 stats["entropy"] += float(ent.mean())
                 stats["n"] += 1
+            if sil is not None:
+                self._self_imitation_step(sil, autocast, guard, stats)
         return self._round_stats(stats, traj, values, ret, baseline)
+
+    @torch.no_grad()
+    def _real_steps(self, model: BiLevelWorldModel, real: tuple[LatentState, dict] | None, autocast) -> RealSteps | None:
+        """The replayed steps and observed returns of a round for ``ppo.self_imitation`` (None when off)."""
+        cfg = self.cfg
+        if real is None or cfg.self_imitation <= 0:
+            return None
+        post, batch = real
+        fa, fg = model.features(post)
+        fa, fg = fa.float(), None if fg is None else fg.float()
+        with autocast():
+            values = self.critic(self.critic_features(fa, fg)).float()
+        reward = batch["reward"].float()
+        if cfg.team_reward:
+            reward = reward.mean(-1, keepdim=True).expand_as(reward)
+        G, acted = real_returns(reward, batch["cont"], batch["is_first"], values, cfg.gamma)
+        action = batch["prev_action"][1:]  # the action taken at t is stored at t+1
+        if self.spec.discrete:
+            raw = action.argmax(-1)
+        else:
+            raw = torch.atanh(action.float().clamp(-1 + 1e-6, 1 - 1e-6))
+        sel = acted[:-1]
+        avail = batch.get("avail")
+        return RealSteps(feat_a=fa[:-1][sel], feat_g=None if fg is None else fg[:-1][sel], raw=raw[sel],
+                         avail=None if avail is None or not self.spec.discrete else avail[:-1][sel],
+                         returns=G[:-1][sel])
+
+    def _self_imitation_step(self, sil: RealSteps, autocast, guard, stats: dict) -> None:
+        """One actor and one critic step of self-imitation on the round's replayed steps."""
+        cfg = self.cfg
+        if sil.returns.shape[0] == 0:
+            return
+        with autocast():
+            logp, _ = self.actor.log_prob_entropy(sil.feat_a, sil.raw, sil.avail)
+            v = self.critic(self.critic_features(sil.feat_a, sil.feat_g))
+        actor, critic = self_imitation_losses(logp.float(), v.float(), sil.returns, self.adv_scale)
+        self._step(self.actor_opt, self.actor, cfg.self_imitation * actor.mean(), guard, "self_imitation_actor_loss")
+        if cfg.self_imitation_value > 0:
+            self._step(self.critic_opt, self.critic, cfg.self_imitation_value * critic.mean(), guard, "self_imitation_critic_loss")
+        gap = (sil.returns - v.detach().float()).clamp_min(0.0)
+        stats["sil_gap"] = stats.get("sil_gap", 0.0) + float(gap.mean())
+        stats["sil_active"] = stats.get("sil_active", 0.0) + float((gap > 0).float().mean())
+        stats["sil_steps"] = stats.get("sil_steps", 0) + 1
 
     def _loss_fns(self, sp):
         """The minibatch losses of the fast path (optionally ``torch.compile``d)."""
