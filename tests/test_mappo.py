@@ -626,3 +626,27 @@ def test_learner_passes_the_replayed_sequences_only_when_self_imitation_is_on():
         buf.add_episode(ep)
         m = learner.update(buf, np.random.default_rng(0))
         assert ("policy/sil_gap" in m) == (coef > 0)
+
+
+def test_self_imitation_with_continuous_actions():
+    """Continuous actions: the replayed action is the pre-squash u = atanh(a) the actor scores."""
+    cfg = make_config("tiny", "smax:3m", {"ppo": {"self_imitation": 1.0}})
+    cont = EnvSpec("test:cont", n_agents=2, obs_dim=5, state_dim=4, action_dim=3, discrete=False)
+    torch.manual_seed(0)
+    model = BiLevelWorldModel(cont, cfg.model)
+    algo = MAPPO(cont, model, cfg.ppo)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    T, B = 5, 2
+    act = torch.rand(T, B, 2, 3) * 1.8 - 0.9
+    act[0] = 0
+    first = torch.zeros(T, B, dtype=torch.bool)
+    first[0] = True
+    batch = {"obs": torch.randn(T, B, 2, 5), "state": torch.randn(T, B, 4), "prev_action": act,
+             "reward": torch.rand(T, B, 2), "cont": torch.ones(T, B), "is_first": first}
+    with torch.no_grad():
+        post, _, _ = model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
+    sil = algo._real_steps(model, (post, batch), contextlib.nullcontext)
+    assert sil.avail is None and torch.allclose(torch.tanh(sil.raw), act[1:].flatten(0, 1), atol=1e-5)
+    stats = algo.train_round(model, model.initial((4,)), contextlib.nullcontext, real=(post, batch))
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()) and "sil_gap" in stats
