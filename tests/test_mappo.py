@@ -504,14 +504,20 @@ def test_train_round_with_counterfactual_baseline(fast):
         make_config("tiny", "smax:3m", {"ppo": {"counterfactual_samples": -1}})
 
 
-def test_counterfactual_baseline_with_continuous_actions():
-    cfg = make_config("tiny", "smax:3m", {"ppo": {"counterfactual_samples": 2}})
+def _continuous_setup(**ppo):
+    """A tiny model (frozen) and MAPPO on a two-agent continuous-action spec, with these ``ppo`` options."""
+    cfg = make_config("tiny", "smax:3m", {"ppo": ppo})
     cont = EnvSpec("test:cont", n_agents=2, obs_dim=5, state_dim=4, action_dim=3, discrete=False)
     torch.manual_seed(0)
     model = BiLevelWorldModel(cont, cfg.model)
     algo = MAPPO(cont, model, cfg.ppo)
     for p in model.parameters():
         p.requires_grad_(False)
+    return model, algo
+
+
+def test_counterfactual_baseline_with_continuous_actions():
+    model, algo = _continuous_setup(counterfactual_samples=2)
     stats = algo.train_round(model, model.initial((6,)), contextlib.nullcontext)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()) and stats["cf_gap"] > 0
 
@@ -630,13 +636,7 @@ def test_learner_passes_the_replayed_sequences_only_when_self_imitation_is_on():
 
 def test_self_imitation_with_continuous_actions():
     """Continuous actions: the replayed action is the pre-squash u = atanh(a) the actor scores."""
-    cfg = make_config("tiny", "smax:3m", {"ppo": {"self_imitation": 1.0}})
-    cont = EnvSpec("test:cont", n_agents=2, obs_dim=5, state_dim=4, action_dim=3, discrete=False)
-    torch.manual_seed(0)
-    model = BiLevelWorldModel(cont, cfg.model)
-    algo = MAPPO(cont, model, cfg.ppo)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model, algo = _continuous_setup(self_imitation=1.0)
     T, B = 5, 2
     act = torch.rand(T, B, 2, 3) * 1.8 - 0.9
     act[0] = 0
