@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     key = "win_rate" if "win_rate" in rows[0] else "return"
     extra = [k for k in ("arrived_fraction",) if k in rows[0]]
 
-    # random baseline: same env options, same evaluation seeds and episode count as the run's evaluations
+    # random baseline: same env options, the seeds of the run's first evaluation (every one of them with run.eval_seeds=fixed)
     env = make_env(cfg.run.env, seed=cfg.run.seed + EVAL_SEED_OFFSET, **cfg.run.env_options)
     rnd = evaluate(env, RandomPolicy(env.spec, args.seed), args.random_episodes,
                    EVAL_SEED_OFFSET + cfg.run.seed * 7_919, torch.device("cpu"), deterministic=False)
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
 - commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}{steal_note(summary)}
 - budget: {int(last['env_steps']):,} env steps, {float(wall) / 3600:.2f} h of training wall time (bf16={bf16}, {every}: {cfg.model.train_steps} model updates and {cfg.ppo.updates} imagination round(s), bootstrap={cfg.ppo.bootstrap}, entropy={cfg.ppo.entropy:g})
 - final eval {key.replace('_', ' ')} ({'greedy' if cfg.run.eval_greedy else 'sampled actions'}, {cfg.run.eval_episodes} episodes): **{float(last[key]):.3f}**; best {float(best[key]):.3f} at {int(best['env_steps']):,} steps
-- random policy, same script and evaluation seeds ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}
+- random policy, same script, the seeds of the first evaluation ({args.random_episodes} episodes): {key.replace('_', ' ')} **{rnd.get(key, float('nan')):.3f}**{''.join(f', {e} {rnd[e]:.3f}' for e in extra if e in rnd)}
 {comparison_lines(cmp) + chr(10) if cmp else ""}- curve: `benchmarks/results/{slug}.png`, data `benchmarks/results/{slug}.csv`{f", final comparison `benchmarks/results/{slug}_final.json`" if cmp else ""}
 
 {chr(10).join(table)}

@@ -302,3 +302,30 @@ def test_advantage_noise_splits_the_imagined_advantage_variance(tmp_path, capsys
     text = (tmp_path / "section.md").read_text()
     assert text.startswith("diagnosis:test") and "advantage_noise.py" in text and "explained variance" in text
     assert "counterfactual baseline" in text
+
+
+def test_eval_seed_blocks_reads_each_block_and_the_gap(tmp_path, capsys, monkeypatch):
+    """benchmarks/eval_seed_blocks.py: block 0 is the run's fixed evaluation block, the next blocks are the
+    seeds run.eval_seeds=fresh moves on to, and the gap is block 0 minus the pooled rest."""
+    esb = load_script("eval_seed_blocks")
+    from mabl.train import EVAL_SEED_OFFSET
+
+    assert esb.seed_blocks(2, 5, 3, 1) == [("eval 0", EVAL_SEED_OFFSET + 2 * 7_919), ("eval 1", EVAL_SEED_OFFSET + 2 * 7_919 + 5),
+                                          ("eval 2", EVAL_SEED_OFFSET + 2 * 7_919 + 10), ("final 0", 2_000_003)]
+    row = esb.summary_row("p", [(4, 5), (1, 5), (2, 5)])
+    assert row["rates"] == [0.8, 0.2, 0.4] and row["rest"] == pytest.approx(0.3) and row["gap"] == pytest.approx(0.5)
+    assert 0.0 < row["rest_ci95"][0] < 0.3 < row["rest_ci95"][1] < 1.0
+
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "eval_every": 40,
+                                                   "run_dir": str(run)}}))
+    monkeypatch.setattr(esb, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
+    assert esb.main([str(run), "--episodes", "2", "--blocks", "2", "--best", "--scripted", "weakest_sync_team"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    names = [r["policy"] for r in out["rows"]]
+    assert len(names) == 3 and "best.pt" in names[1] and names[2] == "scripted weakest_sync_team"
+    assert all(len(r["rates"]) == 3 for r in out["rows"])
+    text = (tmp_path / "section.md").read_text()
+    assert text.startswith("diagnosis:smax:3m:eval_seed_blocks") and "| block 0 − rest |" in text
+    with pytest.raises(SystemExit, match="--blocks"):
+        esb.main([str(run), "--blocks", "1"])

@@ -229,6 +229,32 @@ def test_best_checkpoint_follows_the_best_evaluation(tmp_path, monkeypatch, caps
     assert not (tmp_path / "off" / "run" / "best.pt").exists()
 
 
+def test_evaluation_seeds_fresh_or_fixed(tmp_path, monkeypatch):
+    """``run.eval_seeds``: ``fresh`` (default) gives every evaluation a block of seeds no earlier evaluation
+    of the run played, across a resume too; ``fixed`` replays one block."""
+    import mabl.train as T
+
+    firsts: list[int] = []
+    real = T.evaluate
+
+    def spy(env, policy, episodes, seed, *a, **k):
+        firsts.append(seed)
+        return real(env, policy, episodes, seed, *a, **k)
+
+    monkeypatch.setattr(T, "evaluate", spy)
+    base = T.EVAL_SEED_OFFSET
+    train(tiny_cfg(tmp_path, steps=120, eval_every=40, checkpoint_every=10**9))
+    n = len(firsts)
+    assert n >= 3 and firsts == [base + 2 * j for j in range(n)]  # eval_episodes=2: consecutive, disjoint blocks
+    train(tiny_cfg(tmp_path, steps=200, eval_every=40, checkpoint_every=10**9))  # resumes from the final checkpoint
+    assert len(firsts) > n and firsts == [base + 2 * j for j in range(len(firsts))]
+    firsts.clear()
+    train(tiny_cfg(tmp_path / "fixed", steps=120, eval_every=40, checkpoint_every=10**9, eval_seeds="fixed", seed=3))
+    assert len(firsts) >= 3 and set(firsts) == {base + 3 * 7_919}
+    with pytest.raises(ConfigError, match="run.eval_seeds.*fresh.*fixed"):
+        make_config("tiny", "smax:3m", {"run": {"eval_seeds": "rotating"}})
+
+
 def test_policy_ema_is_the_evaluated_policy(tmp_path, capsys):
     """run.policy_ema: an exponential moving average of the acting networks' weights, updated after every
     learner update, is what periodic evaluation, best.pt and `mabl eval` use; the live weights are logged

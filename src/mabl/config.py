@@ -165,6 +165,10 @@ class RunConfig:
     eval_every: int = 5_000  # env steps between evaluations
     eval_episodes: int = 10
     eval_greedy: bool = True  # periodic evaluation with the policy's mode; false: sampled actions
+    # fresh: every evaluation plays episodes on seeds no earlier evaluation of the run used (an unbiased
+    # reading of each checkpoint); fixed: every evaluation replays the same eval_episodes seeds (paired
+    # comparisons between checkpoints, but a small fixed set can flatter or hurt a whole run)
+    eval_seeds: str = "fresh"
     # Exploration noise of the training episodes only (evaluation never has it), 0 = the paper:
     # discrete actions: per agent and step, the probability of replacing the policy's action by a
     # uniform draw from the available actions; continuous: std of Gaussian noise added to the action
@@ -345,6 +349,7 @@ _CHOICES = {
     ("model", "reward_input"): ("agent", "agent+global"),
     ("model", "agent_prior_input"): ("zhat_g", "zhat_g+h_g"),
     ("ppo", "critic_input"): ("global+agent", "global", "agent"),
+    ("run", "eval_seeds"): ("fresh", "fixed"),
     ("ppo", "advantage_norm"): ("batch_std", "return_range"),
 }
 _POSITIVE = {

@@ -5,7 +5,8 @@
     collect an episode with the decentralized policy (agent i sees only o^i)   (lines 2-4)
     add it to the buffer D                                                      (line 4)
     learner.update(D): world-model steps, then MARL in imagination              (lines 5-14)
-    every ``eval_every`` env steps: greedy evaluation episodes
+    every ``eval_every`` env steps: greedy evaluation episodes (on seeds no training episode and,
+        with ``run.eval_seeds=fresh``, no earlier evaluation used)
     every ``checkpoint_every`` env steps: an atomic checkpoint (exact resume)
 
 Everything is written under the run directory: ``config.json``, ``metrics.jsonl`` (one row
@@ -424,6 +425,7 @@ class Trainer:
         self.next_ckpt = rc.checkpoint_every
         self.last_eval: dict[str, float] = {}
         self.best_eval = -math.inf  # best evaluation score so far (run.keep_best)
+        self.eval_episodes_done = 0  # evaluation episodes played so far (run.eval_seeds=fresh: the next seeds)
         self.logger: RunLogger | None = None
         self._buffer_entry: dict | None = None  # the buffer entry of the last checkpoint saved/loaded
         self.checkpoint_stats: list[dict[str, float]] = []  # write time and size of each save
@@ -455,7 +457,7 @@ class Trainer:
             "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "next_eval": self.next_eval,
                          "next_ckpt": self.next_ckpt, "wall": self.wall, "stream_total": self.stream_total,
                          "guard_step": g.step, "guard_skipped": g.skipped, "steps_since_update": self.steps_since_update,
-                         "best_eval": self.best_eval},
+                         "best_eval": self.best_eval, "eval_episodes_done": self.eval_episodes_done},
             "last_eval": json.dumps(self.last_eval),
             "rng": rng,
         }
@@ -492,6 +494,7 @@ class Trainer:
             self.learner.guard.skipped = int(c.get("guard_skipped", 0))
             self.steps_since_update = int(c.get("steps_since_update", 0))
             self.best_eval = float(c.get("best_eval", -math.inf))
+            self.eval_episodes_done = int(c.get("eval_episodes_done", 0))
             self.last_eval = json.loads(state["last_eval"])
             self.rng.bit_generator.state = json.loads(state["rng"]["numpy"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -653,24 +656,32 @@ class Trainer:
             pass
         return DivergenceError(msg)
 
+    def eval_seed(self) -> int:
+        """First episode seed of the next evaluation (``run.eval_seeds``): ``fixed`` replays the run's
+        block of ``eval_episodes`` seeds every time; ``fresh`` moves on past every seed an earlier
+        evaluation of this run played, so no evaluation reuses an episode. Either way disjoint from the
+        training episodes' seeds (:meth:`episode_seed`)."""
+        base = EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919
+        return base if self.cfg.run.eval_seeds == "fixed" else base + self.eval_episodes_done
+
     def evaluate_now(self) -> dict[str, float]:
         if self.eval_env is None:
             self.eval_env = self.make_env(self.cfg.run.seed + EVAL_SEED_OFFSET)
         # evaluation must not disturb the training RNG streams (exact resume, reproducibility)
         torch_state = torch.get_rng_state()
         torch.manual_seed(self.cfg.run.seed + EVAL_SEED_OFFSET + self.env_steps)
+        first = self.eval_seed()
         try:
             res = evaluate(self.eval_env, self.learner.eval_policy, self.cfg.run.eval_episodes,
-                           EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919, self.device,
-                           deterministic=self.cfg.run.eval_greedy)
+                           first, self.device, deterministic=self.cfg.run.eval_greedy)
             if self.learner.policy_ema is not None:  # run.policy_ema: the live weights on the same episodes
                 torch.manual_seed(self.cfg.run.seed + EVAL_SEED_OFFSET + self.env_steps)
                 live = evaluate(self.eval_env, self.learner.policy, self.cfg.run.eval_episodes,
-                                EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919, self.device,
-                                deterministic=self.cfg.run.eval_greedy)
+                                first, self.device, deterministic=self.cfg.run.eval_greedy)
                 res.update({f"live_{k}": v for k, v in live.items()})
         finally:
             torch.set_rng_state(torch_state)
+        self.eval_episodes_done += self.cfg.run.eval_episodes
         self.last_eval = res
         self.logger.evaluation(self.env_steps, self.wall, res)
         score = eval_score(res)
