@@ -5,8 +5,8 @@
     collect an episode with the decentralized policy (agent i sees only o^i)   (lines 2-4)
     add it to the buffer D                                                      (line 4)
     learner.update(D): world-model steps, then MARL in imagination              (lines 5-14)
-    every ``eval_every`` env steps: greedy evaluation episodes (on seeds no training episode and,
-        with ``run.eval_seeds=fresh``, no earlier evaluation used)
+    every ``eval_every`` env steps: greedy evaluation episodes (on seeds offset from the training
+        episodes'; with ``run.eval_seeds=fresh``, on seeds no earlier evaluation used)
     every ``checkpoint_every`` env steps: an atomic checkpoint (exact resume)
 
 Everything is written under the run directory: ``config.json``, ``metrics.jsonl`` (one row
@@ -659,8 +659,9 @@ class Trainer:
     def eval_seed(self) -> int:
         """First episode seed of the next evaluation (``run.eval_seeds``): ``fixed`` replays the run's
         block of ``eval_episodes`` seeds every time; ``fresh`` moves on past every seed an earlier
-        evaluation of this run played, so no evaluation reuses an episode. Either way disjoint from the
-        training episodes' seeds (:meth:`episode_seed`)."""
+        evaluation of this run played, so no evaluation reuses an episode. Either way offset by
+        ``EVAL_SEED_OFFSET`` from the training episodes' seeds (:meth:`episode_seed`, below 10^6 for
+        run seeds < 126 and ~70k episodes)."""
         base = EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919
         return base if self.cfg.run.eval_seeds == "fixed" else base + self.eval_episodes_done
 
