@@ -660,8 +660,8 @@ class Trainer:
         """First episode seed of the next evaluation (``run.eval_seeds``): ``fixed`` replays the run's
         block of ``eval_episodes`` seeds every time; ``fresh`` moves on past every seed an earlier
         evaluation of this run played, so no evaluation reuses an episode. Either way offset by
-        ``EVAL_SEED_OFFSET`` from the training episodes' seeds (:meth:`episode_seed`, below 10^6 for
-        run seeds < 126 and ~70k episodes)."""
+        ``EVAL_SEED_OFFSET`` from the training episodes' seeds (:meth:`episode_seed`, below it for
+        run seeds <= 116 and up to 70k episodes)."""
         base = EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919
         return base if self.cfg.run.eval_seeds == "fixed" else base + self.eval_episodes_done
 
