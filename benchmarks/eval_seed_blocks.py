@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
 from mabl.checkpoint import BEST_NAME  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
-from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, wilson_ci  # noqa: E402
+from mabl.train import eval_seed_base, evaluate, load_for_eval, wilson_ci  # noqa: E402
 
 
 def seed_blocks(run_seed: int, episodes: int, blocks: int, final_blocks: int) -> list[tuple[str, int]]:
     """(label, first seed) of each block: the run's evaluation range, then the final-comparison range."""
-    base = EVAL_SEED_OFFSET + run_seed * 7_919
+    base = eval_seed_base(run_seed)
     out = [(f"eval {j}", base + j * episodes) for j in range(blocks)]
     return out + [(f"final {j}", FINAL_SEED + j * episodes) for j in range(final_blocks)]
 

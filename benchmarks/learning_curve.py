@@ -34,7 +34,7 @@ from mabl.config import config_from_dict, make_config, parse_set  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.checkpoint import BEST_NAME  # noqa: E402
 from mabl.errors import CheckpointError  # noqa: E402
-from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, mean_ci, run_episode, summarize, train  # noqa: E402
+from mabl.train import EVAL_SEED_OFFSET, eval_seed_base, evaluate, load_for_eval, mean_ci, run_episode, summarize, train  # noqa: E402
 
 # seeds of the final trained-vs-random comparison: fresh maps, shared by neither training nor periodic evaluation
 FINAL_SEED = 2_000_003
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     # random baseline: same env options, the seeds of the run's first evaluation (every one of them with run.eval_seeds=fixed)
     env = make_env(cfg.run.env, seed=cfg.run.seed + EVAL_SEED_OFFSET, **cfg.run.env_options)
     rnd = evaluate(env, RandomPolicy(env.spec, args.seed), args.random_episodes,
-                   EVAL_SEED_OFFSET + cfg.run.seed * 7_919, torch.device("cpu"), deterministic=False)
+                   eval_seed_base(cfg.run.seed), torch.device("cpu"), deterministic=False)
 
     cmp = final_comparison(run_dir, args.final_episodes, FINAL_SEED, args.seed) if args.final_episodes > 0 else None
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
 from mabl.checkpoint import checkpoint_candidates  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
-from mabl.train import EVAL_SEED_OFFSET, evaluate, load_for_eval, set_policy_average  # noqa: E402
+from mabl.train import EVAL_SEED_OFFSET, eval_seed_base, evaluate, load_for_eval, set_policy_average  # noqa: E402
 
 
 def ckpt_paths(run_dir: Path) -> dict[int, Path]:
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     avg = Averager(paths, args.part)
     cfg = avg.cfg
     env = make_env(cfg.run.env, seed=EVAL_SEED_OFFSET, **cfg.run.env_options)
-    eval_seed = EVAL_SEED_OFFSET + cfg.run.seed * 7_919
+    eval_seed = eval_seed_base(cfg.run.seed)
     # every point: the first checkpoint at or after each multiple of --every (checkpoints land at episode ends)
     points = sorted({next(s for s in steps if s >= t) for t in range(args.start, steps[-1] + 1, args.every)} | {steps[-1]})
     rows = []

@@ -59,6 +59,11 @@ from mabl.learner import MABLLearner, resolve_device
 EVAL_SEED_OFFSET = 1_000_003  # evaluation episodes never share a seed with training episodes
 
 
+def eval_seed_base(run_seed: int) -> int:
+    """First seed of a run's evaluation range (the block ``run.eval_seeds=fixed`` replays)."""
+    return EVAL_SEED_OFFSET + run_seed * 7_919
+
+
 def resolve_run_dir(cfg: Config, run_dir: str | Path | None = None) -> Path:
     return Path(run_dir) if run_dir else (Path(cfg.run.run_dir) if cfg.run.run_dir else default_run_dir(cfg))
 
@@ -662,7 +667,7 @@ class Trainer:
         evaluation of this run played, so no evaluation reuses an episode. Either way offset by
         ``EVAL_SEED_OFFSET`` from the training episodes' seeds (:meth:`episode_seed`, below it for
         run seeds <= 116 and up to 70k episodes)."""
-        base = EVAL_SEED_OFFSET + self.cfg.run.seed * 7_919
+        base = eval_seed_base(self.cfg.run.seed)
         return base if self.cfg.run.eval_seeds == "fixed" else base + self.eval_episodes_done
 
     def evaluate_now(self) -> dict[str, float]:
