@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -227,6 +228,20 @@ def test_best_checkpoint_follows_the_best_evaluation(tmp_path, monkeypatch, caps
     # off: no file
     train(tiny_cfg(tmp_path / "off", steps=80, eval_every=40, checkpoint_every=10**9, keep_best=False))
     assert not (tmp_path / "off" / "run" / "best.pt").exists()
+
+    # run.best_window=2: ranked by the mean of the newest two evaluations; the first (alone) is kept only
+    # until a full window exists, so its lucky 0.8 does not outrank the later means 0.5 and 0.6
+    scores[:] = [0.8, 0.2, 0.6, 0.6, 0.3]
+    steps_at.clear()
+    train(tiny_cfg(tmp_path / "w2", steps=200, eval_every=40, checkpoint_every=10**9, best_window=2))
+    assert not scores and len(steps_at) == 3  # after 0.8 (alone), mean 0.5, mean 0.6; not after 0.4 or 0.45
+    best = load_checkpoint(tmp_path / "w2" / "run" / "best.pt")
+    assert best["counters"]["env_steps"] == steps_at[-1] and best["counters"]["best_eval"] == pytest.approx(0.6)
+    assert best["counters"]["recent_scores"] == [0.6, 0.6]
+    assert load_checkpoint(tmp_path / "w2" / "run" / "checkpoints")["counters"]["recent_scores"] == [0.6, 0.3]
+    assert T.best_rank([0.5, float("nan")]) == -math.inf and T.best_rank([0.2, 0.4]) == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="run.best_window"):
+        make_config("tiny", "smax:3m", {"run": {"best_window": 0}})
 
 
 def test_evaluation_seeds_fresh_or_fixed(tmp_path, monkeypatch):

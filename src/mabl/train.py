@@ -13,7 +13,8 @@ Everything is written under the run directory: ``config.json``, ``metrics.jsonl`
 per episode), ``eval.csv``, TensorBoard events in ``tb/``, ``curve.png``,
 ``checkpoints/ckpt_<steps>.pt`` and the buffer shards they list in ``checkpoints/buffer/``
 (see :mod:`mabl.checkpoint`), and ``best.pt``: the learner at the best evaluation so far
-(``run.keep_best``; win rate where the env reports one, else return; ties keep the earlier).
+(``run.keep_best``; win rate where the env reports one, else return, averaged over the newest
+``run.best_window`` evaluations once there are that many; ties keep the earlier).
 
 Exact resume: a checkpoint holds the networks, optimizer states, the MAPPO entropy schedule
 (as an exact float), the model buffer, the torch (CPU and CUDA), numpy and Python RNG states,
@@ -429,7 +430,8 @@ class Trainer:
         self.next_eval = rc.eval_every
         self.next_ckpt = rc.checkpoint_every
         self.last_eval: dict[str, float] = {}
-        self.best_eval = -math.inf  # best evaluation score so far (run.keep_best)
+        self.best_eval = -math.inf  # best ranking score so far (run.keep_best, run.best_window)
+        self.recent_scores: list[float] = []  # the newest evaluations' scores, for run.best_window
         self.eval_episodes_done = 0  # evaluation episodes played so far (run.eval_seeds=fresh: the next seeds)
         self.logger: RunLogger | None = None
         self._buffer_entry: dict | None = None  # the buffer entry of the last checkpoint saved/loaded
@@ -462,7 +464,8 @@ class Trainer:
             "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "next_eval": self.next_eval,
                          "next_ckpt": self.next_ckpt, "wall": self.wall, "stream_total": self.stream_total,
                          "guard_step": g.step, "guard_skipped": g.skipped, "steps_since_update": self.steps_since_update,
-                         "best_eval": self.best_eval, "eval_episodes_done": self.eval_episodes_done},
+                         "best_eval": self.best_eval, "eval_episodes_done": self.eval_episodes_done,
+                         "recent_scores": list(self.recent_scores)},
             "last_eval": json.dumps(self.last_eval),
             "rng": rng,
         }
@@ -500,6 +503,7 @@ class Trainer:
             self.steps_since_update = int(c.get("steps_since_update", 0))
             self.best_eval = float(c.get("best_eval", -math.inf))
             self.eval_episodes_done = int(c.get("eval_episodes_done", 0))
+            self.recent_scores = [float(v) for v in c.get("recent_scores", [])]
             self.last_eval = json.loads(state["last_eval"])
             self.rng.bit_generator.state = json.loads(state["rng"]["numpy"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -690,9 +694,14 @@ class Trainer:
         self.eval_episodes_done += self.cfg.run.eval_episodes
         self.last_eval = res
         self.logger.evaluation(self.env_steps, self.wall, res)
-        score = eval_score(res)
-        if self.cfg.run.keep_best and score > self.best_eval:
-            self.best_eval = score
+        window = self.cfg.run.best_window
+        self.recent_scores = (self.recent_scores + [eval_score(res)])[-window:]
+        full = len(self.recent_scores) == window
+        score = best_rank(self.recent_scores)
+        # until run.best_window evaluations exist best.pt follows the newest one (best_eval stays -inf),
+        # so one early lucky reading cannot outrank every later window
+        if self.cfg.run.keep_best and (not full or score > self.best_eval):
+            self.best_eval = score if full else -math.inf
             save_best(self.state_dict(), self.run_dir)
         return res
 
@@ -701,6 +710,12 @@ def eval_score(res: dict[str, float]) -> float:
     """What ``run.keep_best`` ranks evaluations by: the win rate where the env reports one, else the return."""
     v = res.get("win_rate", res.get("return", -math.inf))
     return float(v) if math.isfinite(float(v)) else -math.inf
+
+
+def best_rank(recent: list[float]) -> float:
+    """What ``best.pt`` is ranked by: the mean of the newest ``run.best_window`` evaluation scores
+    (:func:`eval_score`); -inf while any of them is."""
+    return -math.inf if not recent or not all(map(math.isfinite, recent)) else sum(recent) / len(recent)
 
 
 def check_config(state: dict, cfg: Config) -> None:
