@@ -34,10 +34,11 @@ from mabl.config import config_from_dict, make_config, parse_set  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.checkpoint import BEST_NAME  # noqa: E402
 from mabl.errors import CheckpointError  # noqa: E402
-from mabl.train import EVAL_SEED_OFFSET, eval_seed_base, evaluate, load_for_eval, mean_ci, run_episode, summarize, train  # noqa: E402
+from mabl.train import EVAL_SEED_OFFSET, HELDOUT_SEED, eval_seed_base, evaluate, load_for_eval, mean_ci, run_episode, summarize, train  # noqa: E402
 
-# seeds of the final trained-vs-random comparison: fresh maps, shared by neither training nor periodic evaluation
-FINAL_SEED = 2_000_003
+# seeds of the final trained-vs-random comparison: fresh maps, shared by neither training nor periodic
+# evaluation; `mabl eval RUN --episodes N` plays the same ones by default (its greedy line reproduces the report's)
+FINAL_SEED = HELDOUT_SEED
 
 
 class RandomPolicy:
@@ -81,6 +82,7 @@ def final_comparison(run_dir: Path, episodes: int, seed: int, policy_seed: int) 
             _, best_learner, best_state = load_for_eval(best_path, "cpu")
             policies["best greedy"] = (best_learner.eval_policy, True)
             out["best_env_steps"] = int(best_state["counters"]["env_steps"])
+            out["best_window"] = cfg.run.best_window
     except CheckpointError as e:  # a damaged best.pt costs its row, not the report
         print(f"warning: {e}; the report has no best.pt row", file=sys.stderr)
     torch.manual_seed(seed)
@@ -119,7 +121,9 @@ def comparison_lines(cmp: dict) -> str:
         lines[0] += " (`run.policy_ema`: the averaged weights; `live greedy`: the weights as trained)"
         lines.append(fmt("live greedy", cmp["live greedy"]))
     if "best greedy" in cmp:
-        lines.append(f"- the checkpoint of the best periodic evaluation (`best.pt`, {cmp['best_env_steps']:,} env steps; chosen on the "
+        w = cmp.get("best_window", 1)
+        what = "the best periodic evaluation" if w == 1 else f"the best mean of {w} consecutive periodic evaluations"
+        lines.append(f"- the checkpoint of {what} (`best.pt`, {cmp['best_env_steps']:,} env steps; chosen on the "
                      f"evaluation seeds, tested here on the fresh ones):\n" + fmt("greedy", cmp["best greedy"]))
     return "\n".join(lines)
 

@@ -224,7 +224,8 @@ def test_best_checkpoint_follows_the_best_evaluation(tmp_path, monkeypatch, caps
     assert diff  # the learner kept at the best evaluation, not the final one
     capsys.readouterr()
     assert main(["eval", str(run / "best.pt"), "--episodes", "1"]) == 0
-    assert "best.pt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best.pt" in out and json.loads(out.splitlines()[-1])["seed"] == T.HELDOUT_SEED  # held-out by default
     # off: no file
     train(tiny_cfg(tmp_path / "off", steps=80, eval_every=40, checkpoint_every=10**9, keep_best=False))
     assert not (tmp_path / "off" / "run" / "best.pt").exists()

@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint (or the newest usable one in a run directory)")
     e.add_argument("checkpoint", help="a run directory, its checkpoints/ directory, or a ckpt_*.pt file")
     e.add_argument("--episodes", type=int, default=20)
-    e.add_argument("--seed", type=int, default=12345)
+    e.add_argument("--seed", type=int, default=None,
+                   help="first episode seed (default: the held-out seeds of the benchmarks' final comparisons, "
+                        "which no training or periodic evaluation episode of a run with seed <= 125 used)")
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the greedy action")
     e.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--env-options", default=None, help="JSON dict of env options (default: the run's)")
@@ -174,8 +176,10 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from mabl.envs import make_env
-    from mabl.train import evaluate, load_averaged, load_for_eval
+    from mabl.train import HELDOUT_SEED, evaluate, load_averaged, load_for_eval
 
+    if args.seed is None:
+        args.seed = HELDOUT_SEED
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be > 0, got {args.episodes}")
     if not 0 <= args.seed < 2**31:
@@ -209,7 +213,7 @@ def cmd_eval(args) -> int:
     res = evaluate(env, learner.eval_policy if ema else learner.policy, args.episodes, args.seed, learner.device,
                    deterministic=not args.stochastic, with_ci=True)
     res = {"checkpoint": state["_path"], "env": cfg.run.env, "env_steps": int(state["counters"]["env_steps"]),
-           "episodes": args.episodes, **{k: _finite(v) for k, v in res.items()}}
+           "episodes": args.episodes, "seed": args.seed, **{k: _finite(v) for k, v in res.items()}}
     if ema:
         res["weights"] = "policy_ema"
     if averaged:
