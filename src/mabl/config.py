@@ -180,9 +180,10 @@ class RunConfig:
     # return), write <run_dir>/best.pt: the learner at that point, for ``mabl eval RUN/best.pt``
     keep_best: bool = True
     # what keep_best ranks: the mean score of the newest this-many evaluations, the learner of the newest
-    # one kept (until there are this many evaluations, best.pt follows the newest). 1 = each alone. The maximum of many noisy readings
-    # flatters the checkpoint it picks (on SMAX 3m by 0.1-0.3 win rate at 40 episodes); a mean over a
-    # few evaluations of neighbouring checkpoints is a steadier ranking, at the cost of lagging a little.
+    # one kept (until there are this many evaluations, best.pt follows the newest). 1 = each alone. The
+    # maximum of many noisy readings flatters the checkpoint it picks (on SMAX 3m by 0.1-0.3 win rate at
+    # 40 episodes); a mean over a few evaluations of neighbouring checkpoints is a steadier ranking, at
+    # the cost of lagging a little.
     best_window: int = 1
     # Extension, not in the paper (0 = off): > 0 keeps an exponential moving average of the decentralized
     # policy's weights (observation encoder, agent recurrent model, agent posterior, actor) with this decay
