@@ -40,8 +40,9 @@ from mabl.buffer import ReplayBuffer  # noqa: E402
 from mabl.config import make_config, replace  # noqa: E402
 from mabl.cpustat import StealMeter  # noqa: E402
 from mabl.envs.base import EnvSpec  # noqa: E402
-from mabl.fast import Speed, native_bf16  # noqa: E402
-from mabl.learner import MABLLearner  # noqa: E402
+from mabl.errors import ConfigError  # noqa: E402
+from mabl.fast import Speed, native_bf16, sync  # noqa: E402
+from mabl.learner import MABLLearner, resolve_device  # noqa: E402
 
 # synthetic SMAC-like tasks: (name, agents, obs, state, actions)
 TASKS = {
@@ -54,9 +55,12 @@ START, END = "<!-- learner_speed:start -->", "<!-- learner_speed:end -->"  # the
 
 
 def markers(mach: dict) -> tuple[str, str]:
-    """One BENCHMARKS.md section per kind of CPU. The issue's targets are stated for the AMX machine,
-    whose figures live in the unsuffixed section; any other CPU (AVX2 only: optimized path in fp32;
-    AVX512-BF16 without AMX: bf16 at a fraction of AMX's rate) writes its own and never overwrites them."""
+    """One BENCHMARKS.md section per kind of CPU, and one for CUDA GPUs. The issue's targets are stated
+    for the AMX machine, whose figures live in the unsuffixed section; any other CPU (AVX2 only: optimized
+    path in fp32; AVX512-BF16 without AMX: bf16 at a fraction of AMX's rate) or a GPU (``--device cuda``)
+    writes its own and never overwrites them."""
+    if mach.get("gpu"):
+        return "<!-- learner_speed_cuda:start -->", "<!-- learner_speed_cuda:end -->"
     if mach.get("amx"):
         return START, END
     key = mach["isa"].lower() + ("_bf16" if mach["native_bf16"] else "")
@@ -64,7 +68,9 @@ def markers(mach: dict) -> tuple[str, str]:
 
 
 def cpu_kind(mach: dict) -> str:
-    """Heading suffix naming a non-AMX CPU's matmul hardware ('' on the AMX machine)."""
+    """Heading suffix naming a GPU or a non-AMX CPU's matmul hardware ('' on the AMX machine)."""
+    if mach.get("gpu"):
+        return f", CUDA GPU ({mach['gpu']})"
     if mach.get("amx"):
         return ""
     if mach["native_bf16"]:
@@ -101,13 +107,13 @@ def fill_buffer(spec: EnvSpec, steps: int, seed: int) -> ReplayBuffer:
     return buf
 
 
-def make_learner(spec: EnvSpec, optimized: bool, seed: int) -> MABLLearner:
+def make_learner(spec: EnvSpec, optimized: bool, seed: int, device: str = "cpu") -> MABLLearner:
     run = {f: optimized for f in SPEED_FLAGS}
     run["bf16"] = optimized
     run["compile"] = False
     torch.manual_seed(seed)
     cfg = make_config("paper", spec.name, {"run": run})
-    return MABLLearner(spec, cfg, "cpu")
+    return MABLLearner(spec, cfg, device)
 
 
 def timed_update(learner: MABLLearner, buf: ReplayBuffer, seed: int, steps: int | None = None,
@@ -138,12 +144,12 @@ def timed_update(learner: MABLLearner, buf: ReplayBuffer, seed: int, steps: int 
 
 def collect_throughput(learner: MABLLearner, seconds: float, seed: int) -> float:
     """Env-free decentralized acting: one batched DecentralizedPolicy.step for all agents."""
-    spec = learner.spec
+    spec, dev = learner.spec, learner.device
     g = torch.Generator().manual_seed(seed)
     pol = learner.policy
-    carry = pol.initial(spec.n_agents)
-    obs = [torch.randn(spec.n_agents, spec.obs_dim, generator=g) for _ in range(16)]
-    avail = torch.ones(spec.n_agents, spec.action_dim, dtype=torch.bool)
+    carry = pol.initial(spec.n_agents, device=dev)
+    obs = [torch.randn(spec.n_agents, spec.obs_dim, generator=g).to(dev) for _ in range(16)]
+    avail = torch.ones(spec.n_agents, spec.action_dim, dtype=torch.bool, device=dev)
     for i in range(5):
         _, _, carry, _ = pol.step(obs[i % 16], avail, carry)
     n, t0 = 0, time.perf_counter()
@@ -151,6 +157,7 @@ def collect_throughput(learner: MABLLearner, seconds: float, seed: int) -> float
         for i in range(20):
             _, _, carry, _ = pol.step(obs[i % 16], avail, carry)
         n += 20
+    sync(dev)
     return n / (time.perf_counter() - t0)
 
 
@@ -170,7 +177,7 @@ def bench_plain(n: int, args) -> dict | None:
         cut = {}
     else:
         cut = dict(steps=2, rounds=1, epochs=1)
-    slow = make_learner(spec, False, args.seed)
+    slow = make_learner(spec, False, args.seed, args.device)
     timed_update(slow, buf, args.seed, steps=1, rounds=1, epochs=1)  # warm-up
     plain = timed_update(slow, buf, args.seed + 100, **cut)
     plain["cut"] = cut
@@ -182,7 +189,7 @@ def bench_optimized(n: int, args, plain: dict | None) -> dict:
     spec = spec_for(n)
     buf = fill_buffer(spec, 3000, args.seed)
     cut = dict(steps=10, rounds=1) if args.quick else {}
-    fast = make_learner(spec, True, args.seed)
+    fast = make_learner(spec, True, args.seed, args.device)
     timed_update(fast, buf, args.seed, steps=2, rounds=1, epochs=1)  # warm-up (allocations, oneDNN kernels)
     rows = []
     for r in range(args.repeats):
@@ -214,7 +221,7 @@ def bench_ablation(n: int, args) -> list[dict]:
         if off:
             run[off] = False
         torch.manual_seed(args.seed)
-        learner = MABLLearner(spec, make_config("paper", spec.name, {"run": run}), "cpu")
+        learner = MABLLearner(spec, make_config("paper", spec.name, {"run": run}), args.device)
         timed_update(learner, buf, args.seed, steps=2, rounds=1, epochs=1)
         t = timed_update(learner, buf, args.seed + 1, **cut)
         rows.append({"off": off or "(none: all on)", **{k: v for k, v in t.items() if k != "scaled"}})
@@ -236,7 +243,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -251,7 +258,8 @@ def machine() -> dict:
         load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "load": load, "isa": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": native_bf16("cpu"), "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())}
+            "native_bf16": native_bf16(device), "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            "gpu": torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None}
 
 
 def git_commit() -> str | None:
@@ -277,7 +285,9 @@ def table(results: list[dict], args, mach: dict, load_end) -> str:
         f"- command: `{cmd.strip()}`",
         f"- commit: {git_commit() or 'n/a'}; date: {_dt.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['threads']} torch threads, torch {mach['torch']}, "
-        f"python {mach['python']}, CPU ISA {mach['isa']}; load average at start {fmt_load(mach['load'])}, at end {fmt_load(load_end)}"
+        f"python {mach['python']}, CPU ISA {mach['isa']}"
+        + ("" if not mach.get("gpu") else f"; learner on the GPU {mach['gpu']} (CUDA {torch.version.cuda}), timings after torch.cuda.synchronize")
+        + f"; load average at start {fmt_load(mach['load'])}, at end {fmt_load(load_end)}"
         + (" (above the core count: other jobs shared the CPU, absolute seconds are inflated; ratios are from the same run)"
            if max((mach["load"] or [0])[0], (load_end or [0])[0]) > 1.25 * (mach["cores"] or 1) else "")  # its own threads load the cores fully
         + ("" if mach.get("steal") is None else f"; CPU steal during the measurement {100 * mach['steal']:.0f}%"
@@ -342,16 +352,21 @@ def main(argv=None) -> int:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain fp32 eager measurement")
     ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update ('' to skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (a GPU writes its own BENCHMARKS.md section)")
     ap.add_argument("--ablate", action="store_true",
                     help="also time the update with one switch off at a time (first agent count; scaled like --quick)")
     ap.add_argument("--single-above", type=float, default=120.0,
                     help="stop repeating once one optimized update took longer than this many seconds")
     args = ap.parse_args(argv)
+    try:
+        args.device = str(resolve_device(args.device))
+    except ConfigError as e:  # a bad or absent device: one line naming it and the accepted ones
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     args.agents = args.agents or ([3] if args.quick else [3, 8, 27])
     args.repeats = args.repeats or (1 if args.quick else 3)
-    mach = machine()
+    mach = machine(args.device)
     steal = StealMeter()
     log(f"machine: {mach}")
     # every plain measurement first: the optimized learner tunes the process's allocator (tune_malloc)
@@ -381,6 +396,7 @@ def main(argv=None) -> int:
                             for r in results]
     main_row["bf16"] = bool(mach["native_bf16"])
     main_row["amx"] = bool(mach["amx"])
+    main_row["device"] = args.device
     main_row["cpu_steal"] = None if mach["steal"] is None else round(mach["steal"], 4)
     print(json.dumps(main_row))
     return 0

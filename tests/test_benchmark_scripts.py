@@ -157,6 +157,22 @@ def test_learner_speed_sections_keep_each_cpu_kind_apart(tmp_path):
         ls.write_section(out, f"{s}\n{body}\n{e}")
     text = out.read_text()
     assert "AMX table" in text and "avx2 table" in text and "zen4 again" in text and "zen4 table" not in text
+    # a GPU (--device cuda) writes its own section, whatever CPU hosts it
+    gpu = dict(amx, gpu="NVIDIA H200")
+    assert ls.markers(gpu)[0] == "<!-- learner_speed_cuda:start -->" and "NVIDIA H200" in ls.cpu_kind(gpu)
+    s, e = ls.markers(gpu)
+    ls.write_section(out, f"{s}\ngpu table\n{e}")
+    text = out.read_text()
+    assert "AMX table" in text and "gpu table" in text and "zen4 again" in text
+
+
+def test_learner_speed_refuses_a_device_it_cannot_use(capsys):
+    ls = load_script("learner_speed")
+    with pytest.raises(SystemExit) as exit_info:
+        ls.main(["--device", "tpu", "--output", ""])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "bad device 'tpu'" in err and "accepted: auto, cpu, cuda, cuda:N" in err
 
 
 def test_imagined_by_step_compares_imagined_and_real_returns(tmp_path, capsys, monkeypatch):

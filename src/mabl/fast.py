@@ -87,6 +87,14 @@ class Speed:
 PLAIN = Speed()
 
 
+def sync(device: torch.device | str) -> None:
+    """Wait for ``device``'s queued kernels (CUDA runs them asynchronously), so that a wall-clock
+    reading after it times the work, not its launch. A no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def native_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` runs bf16 matmuls in hardware: CUDA with bf16 support, or a CPU with
     AMX tiles or AVX512-BF16. Elsewhere (e.g. an AVX2-only CPU) oneDNN emulates bf16 at ~1 GFLOP/s,

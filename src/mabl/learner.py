@@ -19,7 +19,7 @@ from mabl.buffer import ReplayBuffer
 from mabl.config import Config
 from mabl.envs.base import EnvSpec
 from mabl.errors import DivergenceError
-from mabl.fast import Speed, clip_grad_norm, fused_adam, tune_malloc
+from mabl.fast import Speed, clip_grad_norm, fused_adam, sync, tune_malloc
 from mabl.mappo import MAPPO
 from mabl.world_model import BiLevelWorldModel
 
@@ -139,6 +139,7 @@ class MABLLearner:
             batch = buffer.sample(mc.batch_size, mc.seq_len, rng, self.device, mc.recent_fraction, mc.recent_window)
             m = self.train_model_step(batch)
         metrics.update(m)
+        sync(self.device)
         t1 = time.perf_counter()
         self.model.eval()
         for p in self.model.parameters():
@@ -154,6 +155,7 @@ class MABLLearner:
                     extra = {"real": (post, batch)}
                 else:
                     starts, extra = self.starts(batch), {}
+                sync(self.device)
                 t_imag += time.perf_counter() - ts
                 a = self.algo.train_round(self.model, starts, self.autocast, self.guard, **extra)
                 t_imag += float(getattr(self.algo, "timings", {}).get("imagine_s", 0.0))
@@ -161,6 +163,7 @@ class MABLLearner:
         finally:
             for p in self.model.parameters():
                 p.requires_grad_(True)
+        sync(self.device)
         t2 = time.perf_counter()
         self.updates += 1
         self.update_policy_ema()

@@ -19,7 +19,7 @@ from mabl.config import PPOConfig
 from mabl.errors import ConfigError
 from mabl.envs.base import EnvSpec
 from mabl.fast import (PLAIN, Caster, FusedLinears, agent_attention, clip_grad_norm, fused_adam, mlp_forward, mlp_tail, no_autocast,
-                       onehot_indices, split_linear)
+                       onehot_indices, split_linear, sync)
 from mabl.nets import gru_update, mlp
 from mabl.policy import Actor
 from mabl.world_model import BiLevelWorldModel, LatentState
@@ -491,6 +491,7 @@ class MAPPO(nn.Module):
         t0 = time.perf_counter()
         with autocast():
             traj = imagine(model, self.actor, starts, cfg.horizon, cfg.imagine_explore)
+        sync(traj.feat_a.device)
         self.timings = {"imagine_s": time.perf_counter() - t0}
         with autocast():
             with torch.no_grad():
@@ -587,6 +588,7 @@ class MAPPO(nn.Module):
 
         with torch.no_grad():
             b = counterfactual_baseline(branch, self.actor, traj, samples, cfg.gamma, cfg.bootstrap, cfg.team_reward)
+        sync(traj.feat_a.device)
         self.timings["imagine_s"] = self.timings.get("imagine_s", 0.0) + time.perf_counter() - t0
         return b
 
@@ -601,6 +603,7 @@ class MAPPO(nn.Module):
         t0 = time.perf_counter()
         with autocast():
             traj = imagine(model, self.actor, starts, cfg.horizon, cfg.imagine_explore)
+        sync(traj.feat_a.device)
         self.timings = {"imagine_s": time.perf_counter() - t0}
         fa = traj.feat_a.to(dt)
         fg = None if traj.feat_g is None else traj.feat_g.to(dt)

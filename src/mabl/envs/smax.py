@@ -82,7 +82,9 @@ which ``make(task, seed)`` starts.
 
 JaxMARL needs ``jax`` (imported only when an adapter is built; the default JAX platform is set to
 CPU unless ``JAX_PLATFORMS`` is already set, since one small env is faster there and this keeps JAX
-from reserving GPU memory that the PyTorch learner needs). Importing JaxMARL prints two lines
+from reserving GPU memory that the PyTorch learner needs; where jax was imported earlier with a GPU
+as its default, the adapter's keys are committed to the CPU device, so its reset and step still run
+there and give the same battles as on a CPU-only machine). Importing JaxMARL prints two lines
 about "submoduled environments" and resets ``sys.stdout``/``sys.stderr`` to the process's
 original streams (its mabrax module does that around ``import brax``); the adapter swallows the
 lines and puts the streams back.
@@ -187,8 +189,14 @@ def _tune_jax_cpu(jax) -> None:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+_USER_PLATFORMS = None  # JAX_PLATFORMS as the user set it before the first adapter (None: not set)
+
+
 def _import_jaxmarl():
     """Import jax and jaxmarl lazily; a missing package becomes a :class:`MissingDependencyError`."""
+    global _USER_PLATFORMS
+    if _USER_PLATFORMS is None:
+        _USER_PLATFORMS = os.environ.get("JAX_PLATFORMS", "")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         import jax
@@ -202,6 +210,20 @@ def _import_jaxmarl():
         package = top if top in ("jax", "jaxlib", "six", "flax") else "jaxmarl"
         raise MissingDependencyError("smax", package, "smax") from e
     return jax, jaxmarl, Scenario, map_name_to_scenario, register_scenario
+
+
+def _pin(jax, x):
+    """``x`` committed to JAX's CPU device, so the jitted reset/step that take it run there, also
+    where jax was imported before this module with a GPU as its default (the variable
+    ``JAX_PLATFORMS=cpu`` set above then comes too late). A platform the user chose with
+    ``JAX_PLATFORMS`` is left alone."""
+    if _USER_PLATFORMS:
+        return x
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend
+        return x
+    return jax.device_put(x, cpu)
 
 
 def _scenario(task: str):
@@ -245,7 +267,7 @@ def _compiled(task: str):
             return (u != 0).reshape(like.shape)
         return u.astype(like.dtype).reshape(like.shape)
 
-    key0 = jax.random.PRNGKey(0)
+    key0 = _pin(jax, jax.random.PRNGKey(0))
     _, state_shape = jax.eval_shape(env.reset, key0)
     carry_like = (key0, state_shape)
     leaves_like, treedef = jax.tree.flatten(carry_like)
@@ -399,7 +421,7 @@ class SMAXEnv:
     def _seed_key(self, seed):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ConfigError(f"seed must be an int, got {seed!r}")
-        return self._jax.random.PRNGKey(int(seed) & 0xFFFFFFFF)
+        return _pin(self._jax, self._jax.random.PRNGKey(int(seed) & 0xFFFFFFFF))
 
     def _timestep(self, buf) -> TimeStep:
         # one device-to-host copy of the outputs; the caller owns (and may modify) the arrays

@@ -1,0 +1,204 @@
+"""The learner on a CUDA GPU computes what it computes on the CPU.
+
+These tests need a CUDA device and are skipped without one (CI has none; they were run on an
+NVIDIA H200, see BENCHMARKS.md "Learner on a CUDA GPU"). They check:
+(a) the world-model loss and every gradient on CUDA equal the CPU's in fp32, for the plain and the
+    fused paths, given the same weights and the same sampling noise;
+(b) the actor and the centralized critic give the same outputs on both devices;
+(c) a short optimized training (bf16 autocast on the GPU) learns, keeps everything on the GPU,
+    and a full Algorithm-1 update (model steps, imagination, PPO) reports finite metrics;
+(d) a learner checkpoint written on the GPU loads into a CPU learner (``map_location``) and acts
+    identically there.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mabl.buffer import ReplayBuffer
+from mabl.config import make_config
+from mabl.envs.base import EnvSpec
+from mabl.fast import PLAIN, Speed
+from mabl.learner import MABLLearner, resolve_device
+from mabl.world_model import BiLevelWorldModel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SPEC = EnvSpec("test:toy", n_agents=3, obs_dim=11, state_dim=7, action_dim=5, discrete=True, has_action_mask=True)
+SMALL = dict(hidden=32, deter=32, embed=32, n_categoricals=4, n_classes=8, batch_size=8, seq_len=10, lr=3e-3)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 matmuls as fp32 on the GPU (no TF32), so CPU and GPU agree to rounding."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def cpu_noise(monkeypatch):
+    """``torch.rand_like`` (the Gumbel noise of the plain sampler) drawn from one CPU generator and
+    moved to the tensor's device: the same noise on both devices. Call ``reseed()`` before a pass."""
+    gen = torch.Generator()
+
+    def rand_like(x, *args, **kwargs):
+        return torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+
+    monkeypatch.setattr(torch, "rand_like", rand_like)
+    return lambda seed=1: gen.manual_seed(seed)
+
+
+def _batch(T=8, B=4, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    n, a = SPEC.n_agents, SPEC.action_dim
+    act = F.one_hot(torch.randint(0, a, (T, B, n), generator=g), a).float()
+    is_first = torch.zeros(T, B, dtype=torch.bool)
+    is_first[0] = True
+    is_first[T // 2, 1] = True
+    act[0] = 0
+    act[T // 2, 1] = 0
+    b = {"obs": torch.randn(T, B, n, SPEC.obs_dim, generator=g), "state": torch.randn(T, B, SPEC.state_dim, generator=g),
+         "prev_action": act, "reward": torch.randn(T, B, n, generator=g), "cont": torch.ones(T, B),
+         "avail": torch.rand(T, B, n, a, generator=g) > 0.3, "is_first": is_first}
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def _synthetic_buffer(seed=0, episodes=12):
+    rng = np.random.default_rng(seed)
+    buf = ReplayBuffer(SPEC, 2000)
+    n, a = SPEC.n_agents, SPEC.action_dim
+    for _ in range(episodes):
+        T = int(rng.integers(15, 30))
+        act = np.eye(a, dtype=np.float32)[rng.integers(0, a, (T, n))]
+        act[0] = 0
+        obs = rng.standard_normal((T, n, SPEC.obs_dim)).astype(np.float32) * 0.1
+        obs[..., :a] += act
+        cont = np.ones(T, np.float32)
+        cont[-1] = 0
+        buf.add_episode({"obs": obs, "state": rng.standard_normal((T, SPEC.state_dim)).astype(np.float32),
+                         "prev_action": act, "reward": act[..., 0].copy(), "cont": cont,
+                         "avail": rng.random((T, n, a)) > 0.2, "is_first": np.arange(T) == 0})
+    return buf
+
+
+def _max_rel(a_list, b_list):
+    return max(float((a.cpu() - b.cpu()).abs().max() / (a.abs().max().cpu() + 1e-8)) for a, b in zip(a_list, b_list))
+
+
+def test_auto_device_is_the_gpu():
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("speed", [PLAIN, Speed(fused_recurrence=True, fused_heads=True, fused_kl=True)],
+                         ids=["plain", "fused"])
+@pytest.mark.parametrize("variant", [dict(), dict(single_global=True), dict(agent_prior_input="zhat_g+h_g", unimix=0.01)],
+                         ids=["bilevel", "single-global", "prior-h_g-unimix"])
+def test_world_model_loss_and_gradients_match_cpu(cpu_noise, speed, variant):
+    cfg = make_config("tiny", "smax:3m", {"model": variant} if variant else None)
+    torch.manual_seed(0)
+    cpu = BiLevelWorldModel(SPEC, cfg.model, speed=speed)
+    gpu = BiLevelWorldModel(SPEC, cfg.model, speed=speed)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    out = []
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        cpu_noise(1)
+        loss, metrics, _ = model.loss(_batch(device=dev))
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        out.append((loss.detach().cpu(), {k: v.detach().cpu() for k, v in metrics.items()}, grads))
+    (l0, m0, g0), (l1, m1, g1) = out
+    assert torch.allclose(l0, l1, rtol=1e-4, atol=1e-5), (l0, l1)
+    for k in m0:
+        assert torch.allclose(m0[k], m1[k], rtol=1e-4, atol=1e-5), (k, m0[k], m1[k])
+    assert all(g.device.type == "cuda" for g in g1)
+    assert _max_rel(g0, g1) < 1e-3
+
+
+def _learner(device, optimized=False):
+    flags = {f: optimized for f in ("fused_recurrence", "fused_heads", "fast_sampling", "fused_kl", "fast_critic", "fused_adam")}
+    cfg = make_config("tiny", "smax:3m", {"model": SMALL, "run": dict(bf16=optimized, compile=False, tune_malloc=False, **flags)})
+    torch.manual_seed(0)
+    return MABLLearner(SPEC, cfg, device)
+
+
+def _greedy_rollout(learner, obs, avail):
+    """Deterministic decentralized acting (mode latents, mode actions): actions and logits per step."""
+    dev = learner.device
+    carry = learner.policy.initial(SPEC.n_agents, device=dev)
+    acts, logits = [], []
+    with torch.no_grad():
+        for t in range(obs.shape[0]):
+            raw, _, carry, params = learner.policy.step(obs[t].to(dev), avail.to(dev), carry, deterministic=True)
+            acts.append(raw.cpu())
+            logits.append(params.float().cpu())
+    return torch.stack(acts), torch.stack(logits)
+
+
+def _obs(seed=5, T=10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, SPEC.n_agents, SPEC.obs_dim, generator=g), torch.rand(SPEC.n_agents, SPEC.action_dim, generator=g) > 0.3
+
+
+def test_policy_and_critic_match_cpu():
+    """Same weights: the decentralized policy (encoder, agent GRU, agent posterior, actor) gives the
+    same logits and actions on both devices, and the attention critic the same values."""
+    cpu, gpu = _learner("cpu"), _learner("cuda")
+    gpu.model.load_state_dict(cpu.model.state_dict())
+    gpu.algo.load_state_dict(cpu.algo.state_dict())
+    obs, avail = _obs()
+    avail[:, 0] = True
+    a_c, l_c = _greedy_rollout(cpu, obs, avail)
+    a_g, l_g = _greedy_rollout(gpu, obs, avail)
+    assert torch.equal(a_c, a_g)
+    finite = torch.isfinite(l_c)
+    assert torch.equal(finite, torch.isfinite(l_g))  # the same actions masked out
+    assert torch.allclose(l_c[finite], l_g[finite], rtol=1e-4, atol=1e-5)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, SPEC.n_agents, cpu.algo.critic.embed.in_features, generator=g)
+    with torch.no_grad():
+        v_c, v_g = cpu.algo.critic(x), gpu.algo.critic(x.cuda())
+    assert v_g.device.type == "cuda"
+    assert torch.allclose(v_c, v_g.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_optimized_training_on_gpu_learns_and_stays_there():
+    learner = _learner("cuda", optimized=True)
+    assert learner.speed.bf16 == torch.cuda.is_bf16_supported()
+    buf = _synthetic_buffer()
+    rng = np.random.default_rng(0)
+    losses = [learner.train_model_step(buf.sample(8, 10, rng, learner.device)) for _ in range(40)]
+    assert losses[-1]["model/loss"] < 0.8 * losses[0]["model/loss"], (losses[0]["model/loss"], losses[-1]["model/loss"])
+    m = learner.update(buf, rng)
+    assert all(np.isfinite(v) for v in m.values() if isinstance(v, float))
+    assert m["time/update_s"] > 0
+    for p in list(learner.model.parameters()) + list(learner.algo.parameters()):
+        assert p.device.type == "cuda"
+
+
+def test_gpu_checkpoint_loads_on_cpu_and_acts_the_same():
+    gpu = _learner("cuda")
+    buf = _synthetic_buffer()
+    gpu.update(buf, np.random.default_rng(0))  # trained weights, not the initial ones
+    blob = io.BytesIO()
+    torch.save(gpu.state_dict(), blob)
+    blob.seek(0)
+    cpu = _learner("cpu")
+    cpu.load_state_dict(torch.load(blob, map_location="cpu", weights_only=False))
+    for k, v in cpu.model.state_dict().items():
+        assert v.device.type == "cpu"
+        assert torch.equal(v, gpu.model.state_dict()[k].cpu()), k
+    # the decentralized policy: the same deterministic actions and logits from the same observations
+    obs, avail = _obs()
+    avail[:, 0] = True
+    a_c, l_c = _greedy_rollout(cpu, obs, avail)
+    a_g, l_g = _greedy_rollout(gpu, obs, avail)
+    assert torch.equal(a_c, a_g)
+    finite = torch.isfinite(l_c)
+    assert torch.allclose(l_c[finite], l_g[finite], rtol=1e-4, atol=1e-5)
