@@ -5,9 +5,7 @@
 #      then `mabl eval --device cpu` of the checkpoint it wrote;
 #   3. benchmarks/learner_speed.py --device cuda (the paper-preset update, 3/8/27 agents);
 #   4. the whole test suite on a machine where `run.device=auto` picks the GPU.
-# Usage: bash benchmarks/cuda_check.sh OUT_DIR   (mabl importable: installed, or PYTHONPATH=src; the
-# suite's crash-and-resume tests start `python -m mabl.cli` with PYTHONPATH=src alone, so jaxmarl must
-# be installed in that python, not only on PYTHONPATH)
+# Usage: bash benchmarks/cuda_check.sh OUT_DIR   (mabl importable: installed, or PYTHONPATH=src)
 # Each step's output goes to OUT_DIR/<step>.txt; the script goes on after a failed step and
 # exits non-zero if any failed.
 set -u

@@ -17,18 +17,17 @@ import io
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mabl.buffer import ReplayBuffer
 from mabl.config import make_config
-from mabl.envs.base import EnvSpec
 from mabl.fast import PLAIN, Speed
 from mabl.learner import MABLLearner, resolve_device
 from mabl.world_model import BiLevelWorldModel
+from test_speed_equivalence import SPEC  # the toy task and synthetic data of the CPU equivalence tests
+from test_speed_equivalence import _batch as toy_batch
+from test_speed_equivalence import _synthetic_buffer as toy_buffer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-SPEC = EnvSpec("test:toy", n_agents=3, obs_dim=11, state_dim=7, action_dim=5, discrete=True, has_action_mask=True)
 SMALL = dict(hidden=32, deter=32, embed=32, n_categoricals=4, n_classes=8, batch_size=8, seq_len=10, lr=3e-3)
 
 
@@ -54,37 +53,12 @@ def cpu_noise(monkeypatch):
     return lambda seed=1: gen.manual_seed(seed)
 
 
-def _batch(T=8, B=4, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    n, a = SPEC.n_agents, SPEC.action_dim
-    act = F.one_hot(torch.randint(0, a, (T, B, n), generator=g), a).float()
-    is_first = torch.zeros(T, B, dtype=torch.bool)
-    is_first[0] = True
-    is_first[T // 2, 1] = True
-    act[0] = 0
-    act[T // 2, 1] = 0
-    b = {"obs": torch.randn(T, B, n, SPEC.obs_dim, generator=g), "state": torch.randn(T, B, SPEC.state_dim, generator=g),
-         "prev_action": act, "reward": torch.randn(T, B, n, generator=g), "cont": torch.ones(T, B),
-         "avail": torch.rand(T, B, n, a, generator=g) > 0.3, "is_first": is_first}
-    return {k: v.to(device) for k, v in b.items()}
+def _batch(device="cpu"):
+    return {k: v.to(device) for k, v in toy_batch().items()}
 
 
-def _synthetic_buffer(seed=0, episodes=12):
-    rng = np.random.default_rng(seed)
-    buf = ReplayBuffer(SPEC, 2000)
-    n, a = SPEC.n_agents, SPEC.action_dim
-    for _ in range(episodes):
-        T = int(rng.integers(15, 30))
-        act = np.eye(a, dtype=np.float32)[rng.integers(0, a, (T, n))]
-        act[0] = 0
-        obs = rng.standard_normal((T, n, SPEC.obs_dim)).astype(np.float32) * 0.1
-        obs[..., :a] += act
-        cont = np.ones(T, np.float32)
-        cont[-1] = 0
-        buf.add_episode({"obs": obs, "state": rng.standard_normal((T, SPEC.state_dim)).astype(np.float32),
-                         "prev_action": act, "reward": act[..., 0].copy(), "cont": cont,
-                         "avail": rng.random((T, n, a)) > 0.2, "is_first": np.arange(T) == 0})
-    return buf
+def _synthetic_buffer():
+    return toy_buffer(SPEC)
 
 
 def _max_rel(a_list, b_list):
@@ -141,6 +115,18 @@ def _greedy_rollout(learner, obs, avail):
     return torch.stack(acts), torch.stack(logits)
 
 
+def _assert_same_policy(cpu, gpu):
+    """The deterministic decentralized rollouts of two learners: equal actions, logits to rounding."""
+    obs, avail = _obs()
+    avail[:, 0] = True
+    a_c, l_c = _greedy_rollout(cpu, obs, avail)
+    a_g, l_g = _greedy_rollout(gpu, obs, avail)
+    assert torch.equal(a_c, a_g)
+    finite = torch.isfinite(l_c)
+    assert torch.equal(finite, torch.isfinite(l_g))  # the same actions masked out
+    assert torch.allclose(l_c[finite], l_g[finite], rtol=1e-4, atol=1e-5)
+
+
 def _obs(seed=5, T=10):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(T, SPEC.n_agents, SPEC.obs_dim, generator=g), torch.rand(SPEC.n_agents, SPEC.action_dim, generator=g) > 0.3
@@ -152,14 +138,7 @@ def test_policy_and_critic_match_cpu():
     cpu, gpu = _learner("cpu"), _learner("cuda")
     gpu.model.load_state_dict(cpu.model.state_dict())
     gpu.algo.load_state_dict(cpu.algo.state_dict())
-    obs, avail = _obs()
-    avail[:, 0] = True
-    a_c, l_c = _greedy_rollout(cpu, obs, avail)
-    a_g, l_g = _greedy_rollout(gpu, obs, avail)
-    assert torch.equal(a_c, a_g)
-    finite = torch.isfinite(l_c)
-    assert torch.equal(finite, torch.isfinite(l_g))  # the same actions masked out
-    assert torch.allclose(l_c[finite], l_g[finite], rtol=1e-4, atol=1e-5)
+    _assert_same_policy(cpu, gpu)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(16, SPEC.n_agents, cpu.algo.critic.embed.in_features, generator=g)
     with torch.no_grad():
@@ -195,10 +174,4 @@ def test_gpu_checkpoint_loads_on_cpu_and_acts_the_same():
         assert v.device.type == "cpu"
         assert torch.equal(v, gpu.model.state_dict()[k].cpu()), k
     # the decentralized policy: the same deterministic actions and logits from the same observations
-    obs, avail = _obs()
-    avail[:, 0] = True
-    a_c, l_c = _greedy_rollout(cpu, obs, avail)
-    a_g, l_g = _greedy_rollout(gpu, obs, avail)
-    assert torch.equal(a_c, a_g)
-    finite = torch.isfinite(l_c)
-    assert torch.allclose(l_c[finite], l_g[finite], rtol=1e-4, atol=1e-5)
+    _assert_same_policy(cpu, gpu)

@@ -36,6 +36,11 @@ TRAIN = ["--env", "smax:3m", "--preset", "tiny", "--steps", str(STEPS), "--no-pr
          "--set", "run.keep_checkpoints=3"]
 
 
+def _pythonpath() -> str:
+    """``src`` first, then whatever PYTHONPATH the test process has (where a dependency may live)."""
+    return os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def rows(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
@@ -66,7 +71,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 def _spawn(args: list[str], delay: float) -> subprocess.Popen:
-    env = dict(os.environ, MABL_DEBUG_SAVE_DELAY=str(delay), PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, MABL_DEBUG_SAVE_DELAY=str(delay), PYTHONPATH=_pythonpath())
     return subprocess.Popen([sys.executable, "-m", "mabl.cli", "train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -160,7 +165,7 @@ def test_sigterm_stops_at_an_episode_boundary_with_a_checkpoint_and_resume_is_ex
     """SIGTERM (what a scheduler or `kill` sends) lets the update in progress finish, writes a checkpoint at
     that very step and exits 130; running the command again reproduces the uninterrupted run bit for bit."""
     run = tmp_path / "stopped"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=_pythonpath())
     proc = subprocess.Popen([sys.executable, "-m", "mabl.cli", "train", *TRAIN, "--run-dir", str(run)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = run / "metrics.jsonl"
@@ -507,7 +512,7 @@ def test_bad_input_via_subprocess(argv, setup, needle, tmp_path):
         cfg.write_text(setup)
     argv = [a.replace("{cfg}", str(cfg)) for a in argv]
     out = subprocess.run([sys.executable, "-m", "mabl.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=120)
+                         env=dict(os.environ, PYTHONPATH=_pythonpath()), timeout=120)
     assert out.returncode == 2 and needle in one_error_line(out.stderr), out.stderr
 
 
