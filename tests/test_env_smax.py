@@ -94,6 +94,18 @@ def test_reset_without_seed_continues_stream():
     assert not np.array_equal(a1.state, a2.state)
 
 
+def test_battle_state_is_committed_to_the_cpu(env_3m):
+    """The episode's key and state are committed to JAX's CPU device, so the jitted reset/step run
+    there even where jax's default device is a GPU (checked on an H200: BENCHMARKS.md, "Learner on a
+    CUDA GPU"); on this CPU-only machine the check is that they are committed at all."""
+    env_3m.reset(seed=3)
+    after_reset = env_3m._buf
+    env_3m.step(np.zeros(3, dtype=np.int64))
+    for buf in (after_reset, env_3m._buf):
+        assert {d.platform for d in buf.devices()} == {"cpu"}
+        assert buf._committed  # uncommitted arrays would follow jax's default device
+
+
 def test_time_limit_is_truncation():
     env = smax.make("3m", seed=0, episode_limit=5)
     assert env.spec.episode_limit == 5

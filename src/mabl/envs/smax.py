@@ -84,7 +84,7 @@ JaxMARL needs ``jax`` (imported only when an adapter is built; the default JAX p
 CPU unless ``JAX_PLATFORMS`` is already set, since one small env is faster there and this keeps JAX
 from reserving GPU memory that the PyTorch learner needs; where jax was imported earlier with a GPU
 as its default, the adapter's keys are committed to the CPU device, so its reset and step still run
-there and give the same battles as on a CPU-only machine). Importing JaxMARL prints two lines
+on the CPU, as on a machine without a GPU). Importing JaxMARL prints two lines
 about "submoduled environments" and resets ``sys.stdout``/``sys.stderr`` to the process's
 original streams (its mabrax module does that around ``import brax``); the adapter swallows the
 lines and puts the streams back.
@@ -189,7 +189,7 @@ def _tune_jax_cpu(jax) -> None:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
-_USER_PLATFORMS = None  # JAX_PLATFORMS as the user set it before the first adapter (None: not set)
+_USER_PLATFORMS = None  # JAX_PLATFORMS as the user had set it ('' if not) when the first adapter was built
 
 
 def _import_jaxmarl():
