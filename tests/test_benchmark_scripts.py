@@ -345,3 +345,22 @@ def test_eval_seed_blocks_reads_each_block_and_the_gap(tmp_path, capsys, monkeyp
     assert text.startswith("diagnosis:smax:3m:eval_seed_blocks") and "| block 0 − rest |" in text
     with pytest.raises(SystemExit, match="--blocks"):
         esb.main([str(run), "--blocks", "1"])
+
+
+def test_polish_trains_on_the_buffer_without_env_steps_and_leaves_the_run_alone(tmp_path, capsys, monkeypatch):
+    pol = load_script("polish")
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "run_dir": str(run)}}))
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    written = {}
+    monkeypatch.setattr(pol, "write_section", lambda name, body: written.update({name: body}))
+    assert pol.main([str(run), "--updates", "2", "--eval-every", "1", "--eval-episodes", "2", "--final-episodes", "3",
+                     "--name", "polish:test"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["env_steps"] >= 80 and out["extra_updates"] == 2 and out["learner_updates_before"] >= 1
+    assert [r["updates"] for r in out["curve"]] == [0, 1, 2]
+    for key in ("held_out_before", "held_out_after"):
+        assert 0.0 <= out[key]["win_rate"] <= 1.0 and len(out[key]["win_rate_ci95"]) == 2
+    body = written["polish:test"]
+    assert "benchmarks/polish.py" in body and "no new env step" in body and "| 2 |" in body
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # the run is only read
