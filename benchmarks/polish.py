@@ -62,14 +62,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=50, help="updates between evaluations on the run's eval seeds")
     ap.add_argument("--eval-episodes", type=int, default=40)
     ap.add_argument("--final-episodes", type=int, default=100, help="held-out episodes before and after")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the run's run.threads)")
     ap.add_argument("--name", default="", help="BENCHMARKS.md section name ('' to skip writing)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
-    trainer = Trainer(cfg, registry_env_factory(cfg), None, run)
+    trainer = Trainer(cfg, registry_env_factory(cfg), None, run)  # sets the run's run.threads
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not trainer.resume():
         ap.error(f"no usable checkpoint in {str(run)!r}")
     learner, env = trainer.learner, trainer.make_env(cfg.run.seed + 1)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         lines = [f"### More learner updates on the same data (`{args.name}`)", "",
                  f"- command: `{cmd}`",
                  f"- commit `{_commit()}`, {_dt.date.today().isoformat()}, machine: {_cpu()}, torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} threads",
+                 f"torch threads: {torch.get_num_threads()}",
                  f"- run `{run}` at {trainer.env_steps:,} env steps ({out['learner_updates_before']} learner updates during "
                  f"training); {args.updates} more updates of its preset on its buffer, no new env step "
                  f"({rows[-1]['wall_s'] / 60:.0f} min)",
