@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,27 +30,7 @@ from mabl.config import config_from_dict  # noqa: E402
 from mabl.train import HELDOUT_SEED, Trainer, eval_seed_base, evaluate, registry_env_factory  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from learning_curve import write_section  # noqa: E402
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "n/a"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from learning_curve import commit, machine, write_section  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -101,7 +79,7 @@ def main(argv=None) -> int:
         cmd = "python benchmarks/polish.py " + " ".join(sys.argv[1:] if argv is None else argv)
         lines = [f"### More learner updates on the same data (`{args.name}`)", "",
                  f"- command: `{cmd}`",
-                 f"- commit `{_commit()}`, {_dt.date.today().isoformat()}, machine: {_cpu()}, torch {torch.__version__}, "
+                 f"- commit `{commit()}`, {_dt.date.today().isoformat()}, machine: {machine()}, "
                  f"torch threads: {torch.get_num_threads()}",
                  f"- run `{run}` at {trainer.env_steps:,} env steps ({out['learner_updates_before']} learner updates during "
                  f"training); {args.updates} more updates of its preset on its buffer, no new env step "

@@ -43,7 +43,8 @@ def _exact_fp32():
 @pytest.fixture
 def cpu_noise(monkeypatch):
     """``torch.rand_like`` (the Gumbel noise of the plain sampler) drawn from one CPU generator and
-    moved to the tensor's device: the same noise on both devices. Call ``reseed()`` before a pass."""
+    moved to the tensor's device: the same noise on both devices. The fixture's value reseeds that
+    generator (``cpu_noise(seed)``); call it before each pass."""
     gen = torch.Generator()
 
     def rand_like(x, *args, **kwargs):
