@@ -364,3 +364,47 @@ def test_polish_trains_on_the_buffer_without_env_steps_and_leaves_the_run_alone(
     body = written["polish:test"]
     assert "benchmarks/polish.py" in body and "no new env step" in body and "| 2 |" in body
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # the run is only read
+
+
+def test_latent_ceiling_clones_a_scripted_rule_on_the_actors_own_input(tmp_path, capsys, monkeypatch):
+    """benchmarks/latent_ceiling.py: the features it rebuilds along a recorded episode are exactly what the
+    run's decentralized actor acted on, the teacher labels its own episodes with the actions it took, and
+    cloning fits the teacher on the observation; the end-to-end run writes the table."""
+    lc = load_script("latent_ceiling")
+    run = tmp_path / "run"
+    train(make_config("tiny", "smax:3m", {"run": {"steps": 80, "checkpoint_every": 10**9, "run_dir": str(run)}}))
+    cfg, learner, _ = lc.load_for_eval(run)
+    env = lc.make_env("smax:3m", seed=0)
+    import torch
+
+    ep, _ = lc.run_episode(env, learner.policy, 5, True, torch.device("cpu"))
+    feat = lc.agent_features(learner.policy, ep)
+    T = ep["obs"].shape[0] - 1
+    assert feat.shape == (T, env.spec.n_agents, learner.model.feat_a)
+    acted = torch.as_tensor(ep["prev_action"][1:]).argmax(-1)
+    greedy = learner.policy.actor.params(feat, torch.as_tensor(ep["avail"][:T]))[0].argmax(-1)
+    assert torch.equal(greedy, acted)  # the actor's greedy choice on the rebuilt features = what it did
+
+    teacher = lc.ScriptedPolicy("weakest_sync_team", lc.ObsLayout("3m"), sync_margin=0.25)
+    eps = [lc.run_episode(env, teacher, lc.TRAIN_SEED + k, True, torch.device("cpu"))[0] for k in range(6)]
+    x, o, m, y = lc.label(teacher, learner.policy, eps)
+    assert len(x) == len(o) == len(m) == len(y) > 0 and bool(m.sum(-1).gt(1).all())
+    taken = torch.cat([torch.as_tensor(e["prev_action"][1:]).argmax(-1)[torch.as_tensor(e["avail"][:-1].sum(-1) > 1)]
+                       for e in eps])
+    assert torch.equal(y, taken)  # a deterministic teacher's labels on its own states are its actions
+    torch.manual_seed(0)
+    student = lc.Actor(env.spec.obs_dim, env.spec.action_dim, 64, 2, True)
+    before = lc.accuracy(student, o, m, y)
+    assert lc.fit(student, o, m, y, steps=300, batch=256, lr=3e-3, seed=0) > max(0.9, before)
+
+    written = {}
+    monkeypatch.setattr(lc, "write_section", lambda name, body: written.update({name: body}))
+    assert lc.main([str(run), "--episodes", "3", "--dagger", "1", "--steps", "5", "--eval-episodes", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["round"] for r in out["rounds"]] == [0, 1]
+    assert out["rounds"][1]["latent_samples"] > out["rounds"][0]["latent_samples"]
+    assert set(out["results"]) == {"teacher", "run's actor", "latent student", "obs student"}
+    body = written["diagnosis:smax:3m:latent_ceiling"]
+    assert "benchmarks/latent_ceiling.py" in body and "| latent student | [z^a, h^a] (cloned) |" in body
+    with pytest.raises(SystemExit):
+        lc.main([str(run), "--teacher", "random"])

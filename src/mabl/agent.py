@@ -45,12 +45,12 @@ class DecentralizedPolicy(nn.Module):
         return AgentCarry(z(self.deter), z(self.stoch), z(self.action_dim))
 
     @torch.no_grad()
-    def step(self, obs: torch.Tensor, avail: torch.Tensor | None, carry: AgentCarry,
-             deterministic: bool = False, generator: torch.Generator | None = None):
-        """One decentralized step for agents ``[N]``: returns ``(raw, env_action, carry, logits)``.
+    def features(self, obs: torch.Tensor, carry: AgentCarry, deterministic: bool = False,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The actor's input for agents ``[N]``: returns ``(feat, h_a, z_a)``, feat = [z^a_t, h^a_t].
 
-        h^a_t = f^a(h^a_{t-1}, z^a_{t-1}, a^i_{t-1}); z^a_t ~ q(z^a_t | o^i_t, h^a_t); a^i_t ~ π(z^a_t, h^a_t).
-        """
+        h^a_t = f^a(h^a_{t-1}, z^a_{t-1}, a^i_{t-1}); z^a_t ~ q(z^a_t | o^i_t, h^a_t) (its mode if
+        ``deterministic``). ``carry.prev_action`` is the action the agent took last (zeros at reset)."""
         h = self.agent_gru(F.relu(self.agent_in(carry.z_a, carry.prev_action)), carry.h_a)
         logits = unimix_logits(self.agent_post[2](F.relu(self.agent_post[0](h, self.obs_encoder(obs)))), self.n_classes,
                                self.unimix)  # model.unimix: the same mixture as in training
@@ -60,7 +60,16 @@ class DecentralizedPolicy(nn.Module):
         else:
             idx = torch.multinomial(shaped.softmax(-1).reshape(-1, shaped.shape[-1]), 1, generator=generator).reshape(shaped.shape[:-1])
         z = F.one_hot(idx, shaped.shape[-1]).float().flatten(-2)
-        feat = torch.cat([z, h], -1)
+        return torch.cat([z, h], -1), h, z
+
+    @torch.no_grad()
+    def step(self, obs: torch.Tensor, avail: torch.Tensor | None, carry: AgentCarry,
+             deterministic: bool = False, generator: torch.Generator | None = None):
+        """One decentralized step for agents ``[N]``: returns ``(raw, env_action, carry, logits)``.
+
+        h^a_t = f^a(h^a_{t-1}, z^a_{t-1}, a^i_{t-1}); z^a_t ~ q(z^a_t | o^i_t, h^a_t); a^i_t ~ π(z^a_t, h^a_t).
+        """
+        feat, h, z = self.features(obs, carry, deterministic, generator)
         pol_params, log_std = self.actor.params(feat, avail)  # once: used to sample and returned
         raw, env_action, _ = self.actor.sample_from_params(pol_params, log_std, deterministic=deterministic)
         new = AgentCarry(h, z, self.actor.env_to_model_action(raw))

@@ -1,0 +1,222 @@
+"""Can the actor's input express a better policy? Behaviour cloning of a scripted rule on the
+world model's agent features against the same cloning on the raw observation.
+
+    python benchmarks/latent_ceiling.py RUN_OR_CHECKPOINT --teacher weakest_sync_team --episodes 300 --dagger 2
+
+MABL's actor reads only the agent-level features [z^a_t, h^a_t] of the world model's posterior
+(paper §3.3). If the trained policies stop below a known decentralized rule (on SMAX 3m they stop
+at ~0.6-0.7 while ``weakest_sync_team`` wins ~0.8, section ``scripted:smax:3m``), either those
+features do not carry what the rule reads, or the reinforcement learning in imagination does not
+find the rule. This script separates the two. From a checkpoint it takes the frozen encoder, agent
+recurrence and agent posterior (exactly what :class:`mabl.agent.DecentralizedPolicy` runs), plays
+the scripted teacher (seeds 3000003..., never the evaluation seeds), and trains two fresh students
+by cross-entropy on the teacher's actions, with the same actor architecture as the run's
+(``ppo.hidden`` x ``ppo.layers``):
+
+* ``latent``: on [z^a_t, h^a_t], z^a_t the posterior mode, h^a_t carried through the agent's own
+  previous actions (what the run's actor sees at test time);
+* ``obs``: on the raw observation o^i_t alone (the teacher's own input; the control).
+
+``--dagger K`` adds K rounds of DAgger (Ross et al. 2011): each student plays ``--episodes`` more
+episodes itself, greedy, the teacher labels the states it reached, and the student is retrained on
+everything so far, so the students are judged on their own state distribution. Finally the teacher,
+the run's own actor and both students play the same ``--eval-episodes`` held-out seeds (2000003...,
+the learning curves' final comparison). A latent student close to the obs student means the
+features carry the rule and the gap lies in the learning; a latent student far below it means the
+representation is the limit. Writes a section into ``BENCHMARKS.md`` (``--name``, ``--no-write``);
+the last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
+from smax_scripted import POLICIES, ObsLayout, ScriptedPolicy  # noqa: E402
+from mabl.agent import AgentCarry, DecentralizedPolicy  # noqa: E402
+from mabl.envs import make_env  # noqa: E402
+from mabl.policy import Actor  # noqa: E402
+from mabl.train import evaluate, load_for_eval, run_episode  # noqa: E402
+
+TRAIN_SEED = 3_000_003  # teacher and DAgger episodes: disjoint from the evaluation seeds (1000003..., 2000003...)
+
+
+class ObsStudent:
+    """Decentralized policy on agent i's current observation alone (the protocol of run_episode)."""
+
+    def __init__(self, actor: Actor):
+        self.actor = actor
+
+    def initial(self, n_agents: int, device=None):
+        return SimpleNamespace(prev_action=torch.zeros(n_agents, self.actor.action_dim))
+
+    @torch.no_grad()
+    def step(self, obs, avail, carry, deterministic: bool = True):
+        logits, _ = self.actor.params(obs.float(), avail)
+        a = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
+        return a, a, SimpleNamespace(prev_action=F.one_hot(a, self.actor.action_dim).float()), logits
+
+
+@torch.no_grad()
+def agent_features(policy: DecentralizedPolicy, ep: dict) -> torch.Tensor:
+    """[T, N, F] actor inputs along a recorded episode: the agent recurrence fed the actions the
+    agents actually took (``ep['prev_action']``), the posterior's mode at every step."""
+    obs, prev = torch.as_tensor(ep["obs"]).float(), torch.as_tensor(ep["prev_action"]).float()
+    n = obs.shape[1]
+    carry = policy.initial(n)
+    feats = []
+    for t in range(obs.shape[0] - 1):  # the last row is the state after the final action
+        carry = AgentCarry(carry.h_a, carry.z_a, prev[t])
+        feat, h, z = policy.features(obs[t], carry, deterministic=True)
+        feats.append(feat)
+        carry = AgentCarry(h, z, carry.prev_action)
+    return torch.stack(feats)
+
+
+def label(teacher: ScriptedPolicy, policy: DecentralizedPolicy, episodes: list[dict]):
+    """(latent features, observations, availability, teacher actions) of every live decision
+    (agents with a single available action, the dead, are left out)."""
+    xs, os_, ms, ys = [], [], [], []
+    for ep in episodes:
+        T = ep["obs"].shape[0] - 1
+        obs, avail = ep["obs"][:T], ep["avail"][:T]
+        y = np.stack([teacher.act(obs[t], avail[t]) for t in range(T)])
+        keep = torch.as_tensor(avail.sum(-1) > 1)
+        xs.append(agent_features(policy, ep)[keep])
+        os_.append(torch.as_tensor(obs).float()[keep])
+        ms.append(torch.as_tensor(avail).bool()[keep])
+        ys.append(torch.as_tensor(y)[keep])
+    return tuple(torch.cat(v) for v in (xs, os_, ms, ys))
+
+
+def fit(actor: Actor, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float,
+        seed: int) -> float:
+    """Cross-entropy of the masked actor logits on the teacher's actions; returns the final accuracy."""
+    opt = torch.optim.Adam(actor.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (min(batch, len(y)),), generator=g)
+        logits, _ = actor.params(x[idx], m[idx])
+        loss = F.cross_entropy(logits, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return accuracy(actor, x, m, y)
+
+
+@torch.no_grad()
+def accuracy(actor: Actor, x, m, y) -> float:
+    return float((actor.params(x, m)[0].argmax(-1) == y).float().mean()) if len(y) else float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="checkpoint file or run directory (newest checkpoint)")
+    p.add_argument("--teacher", default="weakest_sync_team", choices=[x for x in POLICIES if x != "random"])
+    p.add_argument("--sync-margin", type=float, default=0.25)
+    p.add_argument("--episodes", type=int, default=300, help="teacher episodes, and student episodes per DAgger round")
+    p.add_argument("--dagger", type=int, default=2, help="DAgger rounds after the teacher's episodes")
+    p.add_argument("--steps", type=int, default=3000, help="gradient steps per fit")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="initialisation of the students")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--name", default="", help="BENCHMARKS.md section (default diagnosis:<env>:latent_ceiling)")
+    p.add_argument("--note", default="", help="a paragraph added to the section")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg, learner, state = load_for_eval(args.checkpoint)
+    suite, _, task = cfg.run.env.partition(":")
+    if suite != "smax":
+        raise SystemExit(f"error: latent_ceiling.py needs a SMAX run (scripted teachers exist for SMAX only), got {cfg.run.env!r}")
+    learner.model.eval()
+    env = make_env(cfg.run.env, seed=0, **cfg.run.env_options)
+    spec, device = env.spec, torch.device("cpu")
+    teacher = ScriptedPolicy(args.teacher, ObsLayout(task), seed=args.seed, sync_margin=args.sync_margin)
+    torch.manual_seed(args.seed)
+    make = lambda d: Actor(d, spec.action_dim, cfg.ppo.hidden, cfg.ppo.layers, True)  # noqa: E731
+    students = {"latent": make(learner.model.feat_a), "obs": make(spec.obs_dim)}
+    acting = {"latent": DecentralizedPolicy(learner.model, students["latent"]), "obs": ObsStudent(students["obs"])}
+    frozen = learner.policy  # encoder + agent recurrence + posterior of the run; its actor is not used here
+    t0 = time.perf_counter()
+    seed = TRAIN_SEED
+    teacher_eps = [run_episode(env, teacher, seed + k, True, device)[0] for k in range(args.episodes)]
+    seed += args.episodes
+    data = {k: [label(teacher, frozen, teacher_eps)] for k in students}
+    rounds = []
+    for r in range(args.dagger + 1):
+        row = {"round": r}
+        for k, actor in students.items():
+            x, o, m, y = (torch.cat(v) for v in zip(*data[k]))
+            inp = x if k == "latent" else o
+            row[f"{k}_samples"] = len(y)
+            row[f"{k}_train_acc"] = fit(actor, inp, m, y, args.steps, args.batch, args.lr, args.seed + r)
+            if r < args.dagger:  # the student plays, the teacher labels what it reached
+                eps = [run_episode(env, acting[k], seed + j, True, device)[0] for j in range(args.episodes)]
+                new = label(teacher, frozen, eps)
+                row[f"{k}_own_acc"] = accuracy(actor, new[0] if k == "latent" else new[1], new[2], new[3])
+                data[k].append(new)
+        seed += args.episodes
+        rounds.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    results = {}
+    for name, pol in (("teacher", teacher), ("run's actor", learner.policy), ("latent student", acting["latent"]),
+                      ("obs student", acting["obs"])):
+        res = evaluate(env, pol, args.eval_episodes, FINAL_SEED, device, with_ci=True)
+        results[name] = {k: res[k] for k in ("win_rate", "win_rate_ci95", "return", "length")}
+        lo, hi = res["win_rate_ci95"]
+        print(f"{name:16s} win {res['win_rate']:.3f} [{lo:.2f}, {hi:.2f}]  return {res['return']:6.2f}", flush=True)
+    env_steps = int(state.get("counters", {}).get("env_steps", 0))
+    out = {"checkpoint": state["_path"], "env": cfg.run.env, "env_steps": env_steps, "teacher": args.teacher,
+           "sync_margin": args.sync_margin, "rounds": rounds, "results": results,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if not args.no_write:
+        cmd = "python benchmarks/latent_ceiling.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        table = ["| policy | input | win rate [95%] | mean return |", "|---|---|---|---:|"]
+        inputs = {"teacher": "own observation (rules)", "run's actor": "[z^a, h^a] (trained in imagination)",
+                  "latent student": "[z^a, h^a] (cloned)", "obs student": "own observation (cloned)"}
+        for name, r in results.items():
+            table.append(f"| {name} | {inputs[name]} | {r['win_rate']:.3f} [{r['win_rate_ci95'][0]:.2f}, "
+                         f"{r['win_rate_ci95'][1]:.2f}] | {r['return']:.2f} |")
+        fits = ["| round | latent: samples / fit acc. / acc. on own states | obs: samples / fit acc. / acc. on own states |",
+                "|---:|---|---|"]
+        for row in rounds:
+            cell = lambda k: (f"{row[k + '_samples']} / {row[k + '_train_acc']:.3f} / "  # noqa: E731
+                              + (f"{row[k + '_own_acc']:.3f}" if k + "_own_acc" in row else "-"))
+            fits.append(f"| {row['round']} | {cell('latent')} | {cell('obs')} |")
+        name = args.name or f"diagnosis:{cfg.run.env}:latent_ceiling"
+        body = "\n".join([
+            f"### Behaviour cloning on the actor's input (`{name}`)", "",
+            f"- command: `{cmd.strip()}`",
+            f"- commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}",
+            f"- checkpoint `{state['_path']}` ({env_steps:,} env steps); teacher `{args.teacher}` (sync margin "
+            f"{args.sync_margin:g}); {args.episodes} teacher episodes + {args.dagger} DAgger round(s) of {args.episodes} "
+            f"(seeds {TRAIN_SEED}...); {args.steps} Adam steps (batch {args.batch}, lr {args.lr:g}) per fit; students "
+            f"{cfg.ppo.hidden}x{cfg.ppo.layers} MLPs like the run's actor; evaluation: {args.eval_episodes} greedy episodes "
+            f"on seeds {FINAL_SEED}...; 95% Wilson intervals; {out['seconds']:.0f} s", "",
+            *table, "", *fits,
+            *(["", args.note] if args.note else []),
+        ])
+        write_section(name, body)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
