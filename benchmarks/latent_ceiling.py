@@ -15,6 +15,8 @@ by cross-entropy on the teacher's actions, with the same actor architecture as t
 
 * ``latent``: on [z^a_t, h^a_t], z^a_t the posterior mode, h^a_t carried through the agent's own
   previous actions (what the run's actor sees at test time);
+* ``decoded``: on the world model's reconstruction ô^i_t = decoder(z^a_t, h^a_t) alone (the same
+  information as ``latent``, read out as continuous observation features);
 * ``obs``: on the raw observation o^i_t alone (the teacher's own input; the control).
 
 ``--dagger K`` adds K rounds of DAgger (Ross et al. 2011): each student plays ``--episodes`` more
@@ -52,6 +54,21 @@ from mabl.policy import Actor  # noqa: E402
 from mabl.train import evaluate, load_for_eval, run_episode  # noqa: E402
 
 TRAIN_SEED = 3_000_003  # teacher and DAgger episodes: disjoint from the evaluation seeds (1000003..., 2000003...)
+
+
+class DecodedStudent(DecentralizedPolicy):
+    """The run's frozen agent recurrence and posterior, an actor on the decoded observation ô^i_t."""
+
+    def __init__(self, model, actor: Actor):
+        super().__init__(model, actor)
+        self.decoder = model.obs_decoder
+
+    @torch.no_grad()
+    def step(self, obs, avail, carry, deterministic: bool = True):
+        feat, h, z = self.features(obs, carry, deterministic=True)
+        logits, _ = self.actor.params(self.decoder(feat), avail)
+        a = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
+        return a, a, AgentCarry(h, z, self.actor.env_to_model_action(a)), logits
 
 
 class ObsStudent:
@@ -151,8 +168,11 @@ def main(argv=None) -> int:
     teacher = ScriptedPolicy(args.teacher, ObsLayout(task), seed=args.seed, sync_margin=args.sync_margin)
     torch.manual_seed(args.seed)
     make = lambda d: Actor(d, spec.action_dim, cfg.ppo.hidden, cfg.ppo.layers, True)  # noqa: E731
-    students = {"latent": make(learner.model.feat_a), "obs": make(spec.obs_dim)}
-    acting = {"latent": DecentralizedPolicy(learner.model, students["latent"]), "obs": ObsStudent(students["obs"])}
+    students = {"latent": make(learner.model.feat_a), "decoded": make(spec.obs_dim), "obs": make(spec.obs_dim)}
+    acting = {"latent": DecentralizedPolicy(learner.model, students["latent"]),
+              "decoded": DecodedStudent(learner.model, students["decoded"]), "obs": ObsStudent(students["obs"])}
+    decode = torch.no_grad()(lambda x: learner.model.obs_decoder(x).float())
+    inputs = {"latent": lambda x, o: x, "decoded": lambda x, o: decode(x), "obs": lambda x, o: o}
     frozen = learner.policy  # encoder + agent recurrence + posterior of the run; its actor is not used here
     t0 = time.perf_counter()
     seed = TRAIN_SEED
@@ -164,20 +184,20 @@ def main(argv=None) -> int:
         row = {"round": r}
         for k, actor in students.items():
             x, o, m, y = (torch.cat(v) for v in zip(*data[k]))
-            inp = x if k == "latent" else o
+            inp = inputs[k](x, o)
             row[f"{k}_samples"] = len(y)
             row[f"{k}_train_acc"] = fit(actor, inp, m, y, args.steps, args.batch, args.lr, args.seed + r)
             if r < args.dagger:  # the student plays, the teacher labels what it reached
                 eps = [run_episode(env, acting[k], seed + j, True, device)[0] for j in range(args.episodes)]
                 new = label(teacher, frozen, eps)
-                row[f"{k}_own_acc"] = accuracy(actor, new[0] if k == "latent" else new[1], new[2], new[3])
+                row[f"{k}_own_acc"] = accuracy(actor, inputs[k](new[0], new[1]), new[2], new[3])
                 data[k].append(new)
         seed += args.episodes
         rounds.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     results = {}
     for name, pol in (("teacher", teacher), ("run's actor", learner.policy), ("latent student", acting["latent"]),
-                      ("obs student", acting["obs"])):
+                      ("decoded student", acting["decoded"]), ("obs student", acting["obs"])):
         res = evaluate(env, pol, args.eval_episodes, FINAL_SEED, device, with_ci=True)
         results[name] = {k: res[k] for k in ("win_rate", "win_rate_ci95", "return", "length")}
         lo, hi = res["win_rate_ci95"]
@@ -190,16 +210,17 @@ def main(argv=None) -> int:
         cmd = "python benchmarks/latent_ceiling.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         table = ["| policy | input | win rate [95%] | mean return |", "|---|---|---|---:|"]
         inputs = {"teacher": "own observation (rules)", "run's actor": "[z^a, h^a] (trained in imagination)",
-                  "latent student": "[z^a, h^a] (cloned)", "obs student": "own observation (cloned)"}
+                  "latent student": "[z^a, h^a] (cloned)", "decoded student": "decoder(z^a, h^a) (cloned)",
+                  "obs student": "own observation (cloned)"}
         for name, r in results.items():
             table.append(f"| {name} | {inputs[name]} | {r['win_rate']:.3f} [{r['win_rate_ci95'][0]:.2f}, "
                          f"{r['win_rate_ci95'][1]:.2f}] | {r['return']:.2f} |")
-        fits = ["| round | latent: samples / fit acc. / acc. on own states | obs: samples / fit acc. / acc. on own states |",
-                "|---:|---|---|"]
+        fits = ["| round | " + " | ".join(f"{k}: samples / fit acc. / acc. on own states" for k in students) + " |",
+                "|---:|" + "---|" * len(students)]
         for row in rounds:
             cell = lambda k: (f"{row[k + '_samples']} / {row[k + '_train_acc']:.3f} / "  # noqa: E731
                               + (f"{row[k + '_own_acc']:.3f}" if k + "_own_acc" in row else "-"))
-            fits.append(f"| {row['round']} | {cell('latent')} | {cell('obs')} |")
+            fits.append(f"| {row['round']} | " + " | ".join(cell(k) for k in students) + " |")
         name = args.name or f"diagnosis:{cfg.run.env}:latent_ceiling"
         body = "\n".join([
             f"### Behaviour cloning on the actor's input (`{name}`)", "",

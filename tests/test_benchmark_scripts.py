@@ -403,7 +403,7 @@ def test_latent_ceiling_clones_a_scripted_rule_on_the_actors_own_input(tmp_path,
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["round"] for r in out["rounds"]] == [0, 1]
     assert out["rounds"][1]["latent_samples"] > out["rounds"][0]["latent_samples"]
-    assert set(out["results"]) == {"teacher", "run's actor", "latent student", "obs student"}
+    assert set(out["results"]) == {"teacher", "run's actor", "latent student", "decoded student", "obs student"}
     body = written["diagnosis:smax:3m:latent_ceiling"]
     assert "benchmarks/latent_ceiling.py" in body and "| latent student | [z^a, h^a] (cloned) |" in body
     with pytest.raises(SystemExit):
