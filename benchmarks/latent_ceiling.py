@@ -51,6 +51,7 @@ from smax_scripted import POLICIES, ObsLayout, ScriptedPolicy  # noqa: E402
 from mabl.agent import AgentCarry, DecentralizedPolicy  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.policy import Actor  # noqa: E402
+from mabl.envs.smax import _compiled  # noqa: E402
 from mabl.train import evaluate, load_for_eval, run_episode  # noqa: E402
 
 TRAIN_SEED = 3_000_003  # teacher and DAgger episodes: disjoint from the evaluation seeds (1000003..., 2000003...)
@@ -139,6 +140,26 @@ def accuracy(actor: Actor, x, m, y) -> float:
     return float((actor.params(x, m)[0].argmax(-1) == y).float().mean()) if len(y) else float("nan")
 
 
+def reconstruction_r2(layout: ObsLayout, jenv, obs: torch.Tensor, decoded: torch.Tensor) -> dict[str, dict[str, float]]:
+    """R² of the decoded observation per unit group (allies, enemies, own) and feature (health, x, y,
+    weapon cooldown), pooled over the group's units: how much of what the rules read the latent keeps."""
+    feats = {"health": "health", "x": "position_x", "y": "position_y", "cooldown": "weapon_cooldown"}
+    unit, own = list(jenv.unit_features), list(jenv.own_features)
+    groups = {"allies": [layout.unit_feats * u for u in range(layout.n_allies - 1)],
+              "enemies": [layout.unit_feats * u for u in range(layout.n_allies - 1, layout.n_allies - 1 + layout.n_enemies)],
+              "own": [layout.own_at]}
+    out = {}
+    for g, starts in groups.items():
+        names = own if g == "own" else unit
+        out[g] = {}
+        for short, f in feats.items():
+            cols = [s + names.index(f) for s in starts]
+            o, d = obs[:, cols].double(), decoded[:, cols].double()
+            sst = float(((o - o.mean(0)) ** 2).sum())
+            out[g][short] = 1.0 - float(((o - d) ** 2).sum()) / sst if sst > 0 else float("nan")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint file or run directory (newest checkpoint)")
@@ -178,7 +199,10 @@ def main(argv=None) -> int:
     seed = TRAIN_SEED
     teacher_eps = [run_episode(env, teacher, seed + k, True, device)[0] for k in range(args.episodes)]
     seed += args.episodes
-    data = {k: [label(teacher, frozen, teacher_eps)] for k in students}
+    first = label(teacher, frozen, teacher_eps)
+    data = {k: [first] for k in students}
+    r2 = reconstruction_r2(teacher.layout, _compiled(task)[0], first[1], decode(first[0]))
+    print(json.dumps({"reconstruction_r2": r2}), flush=True)
     rounds = []
     for r in range(args.dagger + 1):
         row = {"round": r}
@@ -204,7 +228,7 @@ def main(argv=None) -> int:
         print(f"{name:16s} win {res['win_rate']:.3f} [{lo:.2f}, {hi:.2f}]  return {res['return']:6.2f}", flush=True)
     env_steps = int(state.get("counters", {}).get("env_steps", 0))
     out = {"checkpoint": state["_path"], "env": cfg.run.env, "env_steps": env_steps, "teacher": args.teacher,
-           "sync_margin": args.sync_margin, "rounds": rounds, "results": results,
+           "sync_margin": args.sync_margin, "reconstruction_r2": r2, "rounds": rounds, "results": results,
            "seconds": round(time.perf_counter() - t0, 1)}
     if not args.no_write:
         cmd = "python benchmarks/latent_ceiling.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -231,7 +255,10 @@ def main(argv=None) -> int:
             f"(seeds {TRAIN_SEED}...); {args.steps} Adam steps (batch {args.batch}, lr {args.lr:g}) per fit; students "
             f"{cfg.ppo.hidden}x{cfg.ppo.layers} MLPs like the run's actor; evaluation: {args.eval_episodes} greedy episodes "
             f"on seeds {FINAL_SEED}...; 95% Wilson intervals; {out['seconds']:.0f} s", "",
-            *table, "", *fits,
+            *table, "", *fits, "",
+            "R² of the observation decoded from [z^a, h^a] on the teacher's states (live agents), per unit group and feature:", "",
+            "| units | health | x | y | weapon cooldown |", "|---|---:|---:|---:|---:|",
+            *[f"| {g} | " + " | ".join(f"{v[c]:.3f}" for c in ("health", "x", "y", "cooldown")) + " |" for g, v in r2.items()],
             *(["", args.note] if args.note else []),
         ])
         write_section(name, body)

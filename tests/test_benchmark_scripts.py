@@ -406,5 +406,11 @@ def test_latent_ceiling_clones_a_scripted_rule_on_the_actors_own_input(tmp_path,
     assert set(out["results"]) == {"teacher", "run's actor", "latent student", "decoded student", "obs student"}
     body = written["diagnosis:smax:3m:latent_ceiling"]
     assert "benchmarks/latent_ceiling.py" in body and "| latent student | [z^a, h^a] (cloned) |" in body
+    r2 = out["reconstruction_r2"]
+    assert set(r2) == {"allies", "enemies", "own"} and all(set(v) == {"health", "x", "y", "cooldown"} for v in r2.values())
+    assert all(v <= 1.0 for g in r2.values() for v in g.values() if v == v) and "| enemies |" in body
+    # a perfect reconstruction scores 1 on every column that varies
+    perfect = lc.reconstruction_r2(teacher.layout, lc._compiled("3m")[0], o, o.clone())
+    assert all(v == pytest.approx(1.0) for g in perfect.values() for v in g.values() if v == v)
     with pytest.raises(SystemExit):
         lc.main([str(run), "--teacher", "random"])
