@@ -98,7 +98,7 @@ def imagined_returns(learner, first_obs, first_state, first_avail, policy, horiz
                     avail = torch.sigmoid(model.avail_head(both).float()) > 0.5
                     if always_available is not None:
                         avail[..., always_available] = True
-                act = policy(t, fa, avail, model.obs_decoder(fa).float())
+                act = policy(t, fa, avail, model.decode_obs(fa))
                 st = model.imagine_step(st, torch.nn.functional.one_hot(act.long(), A).to(fa.dtype))
                 heads = model.heads(st)
                 ret += alive * heads["reward"].float().mean(-1)  # r_t counts if s_t was not terminal

@@ -62,7 +62,7 @@ class DecodedStudent(DecentralizedPolicy):
 
     def __init__(self, model, actor: Actor):
         super().__init__(model, actor)
-        self.decoder = model.obs_decoder
+        self.decoder = model.decode_obs  # in observation units, like the obs student's input
 
     @torch.no_grad()
     def step(self, obs, avail, carry, deterministic: bool = True):
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     students = {"latent": make(learner.model.feat_a), "decoded": make(spec.obs_dim), "obs": make(spec.obs_dim)}
     acting = {"latent": DecentralizedPolicy(learner.model, students["latent"]),
               "decoded": DecodedStudent(learner.model, students["decoded"]), "obs": ObsStudent(students["obs"])}
-    decode = torch.no_grad()(lambda x: learner.model.obs_decoder(x).float())
+    decode = torch.no_grad()(learner.model.decode_obs)
     inputs = {"latent": lambda x, o: x, "decoded": lambda x, o: decode(x), "obs": lambda x, o: o}
     frozen = learner.policy  # encoder + agent recurrence + posterior of the run; its actor is not used here
     t0 = time.perf_counter()

@@ -101,7 +101,7 @@ def measure(checkpoint: str, episodes: int) -> dict:
         ts, carry = env.reset(seed=FINAL_SEED + e), policy.initial(env.spec.n_agents, cpu)
         while not ts.done:
             _, act, carry, _ = policy.step(torch.as_tensor(ts.obs), torch.as_tensor(ts.avail), carry, deterministic=True)
-            decoded = model.obs_decoder(torch.cat([carry.z_a, carry.h_a], -1)).float().numpy()
+            decoded = model.decode_obs(torch.cat([carry.z_a, carry.h_a], -1)).numpy()
             act = act.numpy()
             for i in range(env.spec.n_agents):
                 targets = np.flatnonzero(ts.avail[i, N_MOVE:])
@@ -136,7 +136,7 @@ def measure(checkpoint: str, episodes: int) -> dict:
         finally:
             algo.cfg = run_cfg
         fa = traj.feat_a[:-1].float()
-        decoded = model.obs_decoder(fa).float().numpy()
+        decoded = model.decode_obs(fa).numpy()
         probs = algo.actor.params(fa, traj.avail)[0].float().softmax(-1).numpy()
         raw, avail, adv, reach = traj.raw.numpy(), traj.avail.numpy(), adv.numpy(), reach.numpy()
         for k, m, i in zip(*np.nonzero(reach >= 0.5)):

@@ -80,7 +80,7 @@ def measure(checkpoint: str, episodes: int) -> dict:
         st = post.map(lambda x: x[ts_, 0].repeat_interleave(SAMPLES, 0))  # [S*SAMPLES, N, ...]
         with learner.autocast():
             # the posterior start is the same in all SAMPLES rows: decoded once per start
-            before = model.obs_decoder(torch.cat([st.z_a[::SAMPLES], st.h_a[::SAMPLES]], -1)).float().numpy()
+            before = model.decode_obs(torch.cat([st.z_a[::SAMPLES], st.h_a[::SAMPLES]], -1)).numpy()
         for case in CASES:
             for i in range(n):
                 act = torch.full((len(starts), n), STOP, dtype=torch.long)
@@ -99,7 +99,7 @@ def measure(checkpoint: str, episodes: int) -> dict:
                 onehot = F.one_hot(act, n_act).float().repeat_interleave(SAMPLES, 0)
                 with learner.autocast():
                     nxt = model.imagine_step(st, onehot.to(st.h_a.dtype))
-                    after = model.obs_decoder(torch.cat([nxt.z_a, nxt.h_a], -1)).float().numpy()
+                    after = model.decode_obs(torch.cat([nxt.z_a, nxt.h_a], -1)).numpy()
                 for s, (t, k) in enumerate(starts):
                     if not keep[s]:
                         continue

@@ -388,3 +388,52 @@ def test_reward_loss_by_hand(kind):
         expect = torch.where(d.abs() < 1, 0.5 * d ** 2, d.abs() - 0.5).mean()
         assert (d.abs() > 1).any() and (d.abs() < 1).any()
     assert torch.allclose(m["reward"], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_obs_norm_standardizes_encoder_input_and_decoder_target():
+    """model.obs_norm: running statistics equal the pooled ones until the window is full, the floor keeps
+    constant features finite, the loss reads the standardized target, decode_obs inverts it, and the
+    statistics are model state (the decentralized policy reads the same ones)."""
+    from mabl.world_model import ObsNorm
+    from mabl.agent import DecentralizedPolicy
+    from mabl.policy import Actor
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 4, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.0]) + torch.tensor([0.5, -1.0, 2.0, 7.0])
+    norm = ObsNorm(4, window=10_000)
+    for chunk in a.split(70):
+        norm.update(chunk)
+    assert torch.allclose(norm.mean, a.mean(0), atol=1e-5)
+    assert torch.allclose(norm.var, a.var(0, unbiased=False), atol=1e-4)
+    assert float(norm.count) == 300 and float(norm.std()[3]) == pytest.approx(ObsNorm.FLOOR)
+    x = torch.randn(5, 4, generator=g)
+    assert torch.allclose(norm.invert(norm(x)), x, atol=1e-5)
+    capped = ObsNorm(4, window=100)
+    for chunk in a.split(50):
+        capped.update(chunk)
+    assert float(capped.count) == 100  # beyond the window: an exponential average
+
+    from mabl.world_model import gaussian_nll
+
+    spec = SPEC
+    model = BiLevelWorldModel(spec, tiny(obs_norm=True).model)
+    assert "obs_norm.mean" in model.state_dict()
+    assert "obs_norm.mean" not in BiLevelWorldModel(spec, tiny().model).state_dict()
+    batch = globals()["batch"]()
+    model.obs_norm.update(batch["obs"])
+    assert torch.allclose(model.norm_obs(batch["obs"]).flatten(0, -2).mean(0), torch.zeros(spec.obs_dim), atol=1e-4)
+    loss, terms, post = model.loss(batch)
+    assert torch.isfinite(loss)
+    fa, _ = model.features(post)
+    with torch.no_grad():
+        target = model.norm_obs(batch["obs"])
+        assert torch.allclose(terms["obs"], gaussian_nll(model.obs_decoder(fa), target).mean(), rtol=1e-4)
+        assert torch.allclose(model.decode_obs(fa), model.obs_norm.invert(model.obs_decoder(fa).float()))
+    pol = DecentralizedPolicy(model, Actor(model.feat_a, spec.action_dim, 16, 1, True))
+    assert pol.obs_norm is model.obs_norm
+    obs = batch["obs"][0, 0]
+    carry = pol.initial(spec.n_agents)
+    feat_on, _, _ = pol.features(obs, carry, deterministic=True)
+    pol.obs_norm = None
+    feat_off, _, _ = pol.features(obs, carry, deterministic=True)
+    assert not torch.equal(feat_on, feat_off)  # execution reads the standardized observation

@@ -31,6 +31,7 @@ class DecentralizedPolicy(nn.Module):
         super().__init__()
         # shared modules (same parameters as in training) - nothing from the global level
         self.obs_encoder: nn.Module = model.obs_encoder
+        self.obs_norm = model.obs_norm  # model.obs_norm's statistics (None when off)
         self.agent_in: SplitLinear = model.agent_in
         self.agent_gru: GRUCell = model.agent_gru
         self.agent_post: nn.Sequential = model.agent_post
@@ -52,7 +53,7 @@ class DecentralizedPolicy(nn.Module):
         h^a_t = f^a(h^a_{t-1}, z^a_{t-1}, a^i_{t-1}); z^a_t ~ q(z^a_t | o^i_t, h^a_t) (its mode if
         ``deterministic``). ``carry.prev_action`` is the action the agent took last (zeros at reset)."""
         h = self.agent_gru(F.relu(self.agent_in(carry.z_a, carry.prev_action)), carry.h_a)
-        logits = unimix_logits(self.agent_post[2](F.relu(self.agent_post[0](h, self.obs_encoder(obs)))), self.n_classes,
+        logits = unimix_logits(self.agent_post[2](F.relu(self.agent_post[0](h, self.obs_encoder(obs if self.obs_norm is None else self.obs_norm(obs))))), self.n_classes,
                                self.unimix)  # model.unimix: the same mixture as in training
         shaped = logits.float().unflatten(-1, (self.n_cat, -1))
         if deterministic:

@@ -67,6 +67,14 @@ class WorldModelConfig:
     # state s_t from each agent's global features (z^g, h^g), trained with the obs loss, so that the
     # global level has to carry the state the top-down prior passes to p(ẑ^a | h^a, ẑ^g).
     state_decoder: bool = False
+    # Extension, not in the paper (False = the paper): standardize every observation feature, as the
+    # encoder's input and as the decoder's target, by running statistics of the replayed batches (mean and
+    # variance over the last ~obs_norm_window observations, std floored at 0.05). SMAX's relative positions
+    # vary 3-25x less than health, so an unweighted reconstruction loss all but ignores them
+    # (BENCHMARKS.md, "diagnosis:smax:3m:latent_ceiling"). The statistics are model buffers (checkpointed,
+    # used unchanged by decentralized execution).
+    obs_norm: bool = False
+    obs_norm_window: int = 100_000
     state_scale: float = 1.0  # weight of the state decoder's loss term
 
 
@@ -360,7 +368,7 @@ _CHOICES = {
 }
 _POSITIVE = {
     "model": ("hidden", "layers", "deter", "embed", "n_categoricals", "n_classes", "batch_size", "seq_len", "capacity",
-              "recent_window"),
+              "recent_window", "obs_norm_window"),
     "ppo": ("hidden", "layers", "horizon", "updates", "epochs", "minibatch", "imagine_batch", "imagine_seq_len", "attention_heads"),
     "run": ("steps", "eval_every", "eval_episodes", "checkpoint_every", "keep_checkpoints", "log_every", "train_every", "best_window"),
 }

@@ -95,6 +95,8 @@ class MABLLearner:
 
     def train_model_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
+        if self.model.obs_norm is not None:  # model.obs_norm: the running statistics see every replayed batch
+            self.model.obs_norm.update(batch["obs"])
         with self.autocast():
             loss, metrics, _ = self.model.loss(batch)
         self.model_opt.zero_grad(set_to_none=True)

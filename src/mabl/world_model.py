@@ -99,6 +99,47 @@ def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").sum(-1)
 
 
+class ObsNorm(nn.Module):
+    """Per-feature standardization ``(o - mean) / max(std, floor)`` with running statistics.
+
+    :meth:`update` merges a batch's mean and variance into the running ones with weight
+    n_batch / (count + n_batch), count capped at ``window``: the exact pooled statistics until
+    ``window`` observations have been seen, an exponential average over about the last ``window`` after.
+    """
+
+    FLOOR = 0.05
+
+    def __init__(self, dim: int, window: int):
+        super().__init__()
+        self.window = float(window)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.zeros(()))
+
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt().clamp_min(self.FLOOR)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.mean.to(obs.dtype)) / self.std().to(obs.dtype)
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std().to(x.dtype) + self.mean.to(x.dtype)
+
+    @torch.no_grad()
+    def update(self, obs: torch.Tensor) -> None:
+        x = obs.reshape(-1, obs.shape[-1]).double()
+        n = float(x.shape[0])
+        if n == 0:
+            return
+        m, v = x.mean(0), x.var(0, unbiased=False)
+        c = float(self.count)
+        w = n / (c + n)
+        delta = m - self.mean.double()
+        self.var.copy_(((1 - w) * self.var.double() + w * v + w * (1 - w) * delta**2).float())
+        self.mean.copy_((self.mean.double() + w * delta).float())
+        self.count.fill_(min(c + n, self.window))
+
+
 class BiLevelWorldModel(nn.Module):
     """``initial / observe / imagine_step / loss`` of the bi-level model; see the module docstring."""
 
@@ -116,6 +157,8 @@ class BiLevelWorldModel(nn.Module):
         self.feat_g = D + S if self.bilevel else 0
 
         # agent level
+        # model.obs_norm (extension): per-feature standardization of o^i (identity when off: no buffers)
+        self.obs_norm = ObsNorm(spec.obs_dim, cfg.obs_norm_window) if cfg.obs_norm else None
         self.obs_encoder = mlp(spec.obs_dim, H, L, E)
         self.agent_in = SplitLinear([S, a], H)  # f^a input: (z^a_{t-1}, a^i_{t-1})
         self.agent_gru = GRUCell(H, D)
@@ -190,6 +233,15 @@ class BiLevelWorldModel(nn.Module):
         return z_a.mean(-2, keepdim=True) if self.single_global else z_a
 
     # -- posterior rollout on data (training, imagination starts) ---------------------------
+    def norm_obs(self, obs: torch.Tensor) -> torch.Tensor:
+        """o^i as the encoder reads it and the decoder predicts it (``model.obs_norm``; else unchanged)."""
+        return obs if self.obs_norm is None else self.obs_norm(obs)
+
+    def decode_obs(self, fa: torch.Tensor) -> torch.Tensor:
+        """The observation decoded from agent features (z^a, h^a), in the environment's units, fp32."""
+        out = self.obs_decoder(fa).float()
+        return out if self.obs_norm is None else self.obs_norm.invert(out)
+
     def observe(self, obs, state, prev_action, is_first, carry: LatentState | None = None, sample: bool = True):
         """Posterior states of a data sequence (Eq. 2 of App. A, applied step by step).
 
@@ -201,6 +253,7 @@ class BiLevelWorldModel(nn.Module):
         ``priors['prior_a' / 'prior_g']`` (and in ``priors['zhat_g']`` the sample ẑ^g of the global prior
         that ``prior_a`` is conditioned on), and the final carry.
         """
+        obs = self.norm_obs(obs)
         if self.speed.fused_recurrence:
             return self._observe_fused(obs, state, prev_action, is_first, carry, sample)
         T, B = obs.shape[:2]
@@ -350,7 +403,7 @@ class BiLevelWorldModel(nn.Module):
         fa, fg = self.features(post)
         both = self._both(fa, fg)
         terms: dict[str, torch.Tensor] = {}
-        terms["obs"] = self._recon(self.obs_decoder(fa), batch["obs"])
+        terms["obs"] = self._recon(self.obs_decoder(fa), self.norm_obs(batch["obs"]))
         if self.state_decoder is not None:
             terms["state"] = cfg.state_scale * self._recon(self.state_decoder(fg), batch["state"].unsqueeze(-2))
         terms["kl_a"] = cfg.kl_scale * kl_balanced(logits["post_a"], logits["prior_a"], self.n_cat, cfg.kl_balance).mean()
@@ -622,7 +675,7 @@ class BiLevelWorldModel(nn.Module):
                     cont_pred = self.cont_head(both).squeeze(-1)
                     avail_pred = self.avail_head(both) if self.avail_head is not None else None
                     act_pred = self.action_decoder(both[:-1])
-            terms["obs"] = self._recon(obs_pred, batch["obs"])
+            terms["obs"] = self._recon(obs_pred, self.norm_obs(batch["obs"]))
             if state_pred is not None:
                 terms["state"] = cfg.state_scale * self._recon(state_pred, batch["state"].unsqueeze(-2))
             kls = {}
