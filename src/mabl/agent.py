@@ -1,8 +1,8 @@
 """Decentralized execution: what each agent runs at test time (paper §3.3, Fig. 1 right).
 
-:class:`DecentralizedPolicy` holds only the observation encoder, the agent recurrent model
-f^a, the agent posterior q(z^a | o^i, h^a) and the actor. It never sees the global state
-or another agent's observation: agents are batched in one forward for speed, but every
+:class:`DecentralizedPolicy` holds only the observation encoder (with ``model.obs_norm``'s fixed
+statistics), the agent recurrent model f^a, the agent posterior q(z^a | o^i, h^a) and the actor.
+It never sees the global state or another agent's observation: agents are batched in one forward for speed, but every
 operation acts row by row, so agent i's action distribution is a function of its own
 observation history alone (tests/test_decentralized.py proves it on real episodes).
 """
@@ -53,7 +53,8 @@ class DecentralizedPolicy(nn.Module):
         h^a_t = f^a(h^a_{t-1}, z^a_{t-1}, a^i_{t-1}); z^a_t ~ q(z^a_t | o^i_t, h^a_t) (its mode if
         ``deterministic``). ``carry.prev_action`` is the action the agent took last (zeros at reset)."""
         h = self.agent_gru(F.relu(self.agent_in(carry.z_a, carry.prev_action)), carry.h_a)
-        logits = unimix_logits(self.agent_post[2](F.relu(self.agent_post[0](h, self.obs_encoder(obs if self.obs_norm is None else self.obs_norm(obs))))), self.n_classes,
+        o = obs if self.obs_norm is None else self.obs_norm(obs)  # model.obs_norm: the training statistics
+        logits = unimix_logits(self.agent_post[2](F.relu(self.agent_post[0](h, self.obs_encoder(o)))), self.n_classes,
                                self.unimix)  # model.unimix: the same mixture as in training
         shaped = logits.float().unflatten(-1, (self.n_cat, -1))
         if deterministic:
