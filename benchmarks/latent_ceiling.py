@@ -68,7 +68,7 @@ class DecodedStudent(DecentralizedPolicy):
     def step(self, obs, avail, carry, deterministic: bool = True):
         feat, h, z = self.features(obs, carry, deterministic=True)
         logits, _ = self.actor.params(self.decoder(feat), avail)
-        a = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
+        a = self.actor.sample_from_params(logits, None, deterministic=deterministic)[0]
         return a, a, AgentCarry(h, z, self.actor.env_to_model_action(a)), logits
 
 
@@ -84,8 +84,8 @@ class ObsStudent:
     @torch.no_grad()
     def step(self, obs, avail, carry, deterministic: bool = True):
         logits, _ = self.actor.params(obs.float(), avail)
-        a = logits.argmax(-1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
-        return a, a, SimpleNamespace(prev_action=F.one_hot(a, self.actor.action_dim).float()), logits
+        a = self.actor.sample_from_params(logits, None, deterministic=deterministic)[0]
+        return a, a, SimpleNamespace(prev_action=self.actor.env_to_model_action(a)), logits
 
 
 @torch.no_grad()
