@@ -21,7 +21,11 @@ by cross-entropy on the teacher's actions, with the same actor architecture as t
 
 ``--dagger K`` adds K rounds of DAgger (Ross et al. 2011): each student plays ``--episodes`` more
 episodes itself, greedy, the teacher labels the states it reached, and the student is retrained on
-everything so far, so the students are judged on their own state distribution. Finally the teacher,
+everything so far, so the students are judged on their own state distribution. ``--val-frac F`` holds
+out the last fraction F of every batch of labelled episodes and keeps, per fit, the parameters with the
+best accuracy there (early stopping; with ``--weight-decay``, AdamW's decoupled decay): a student on the
+1,280-wide latent input can memorize its training states, so without it a gap between the students may
+be over-fitting rather than missing information. Finally the teacher,
 the run's own actor and both students play the same ``--eval-episodes`` held-out seeds (2000003...,
 the learning curves' final comparison). A latent student close to the obs student means the
 features carry the rule and the gap lies in the learning; a latent student far below it means the
@@ -121,17 +125,28 @@ def label(teacher: ScriptedPolicy, policy: DecentralizedPolicy, episodes: list[d
 
 
 def fit(actor: Actor, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float,
-        seed: int) -> float:
-    """Cross-entropy of the masked actor logits on the teacher's actions; returns the final accuracy."""
-    opt = torch.optim.Adam(actor.parameters(), lr=lr)
+        seed: int, weight_decay: float = 0.0, val: tuple | None = None, check_every: int = 100) -> float:
+    """Cross-entropy of the masked actor logits on the teacher's actions (AdamW, ``weight_decay``);
+    returns the final accuracy on the fitted data. With ``val = (x, m, y)`` of held-out episodes the
+    accuracy there is checked every ``check_every`` steps and the parameters of the best check are
+    kept (early stopping), so a student that memorizes its training states is judged at the point
+    where it generalized best."""
+    opt = torch.optim.AdamW(actor.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    best, best_state = -1.0, None
+    for step in range(1, steps + 1):
         idx = torch.randint(0, len(y), (min(batch, len(y)),), generator=g)
         logits, _ = actor.params(x[idx], m[idx])
         loss = F.cross_entropy(logits, y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if val is not None and (step % check_every == 0 or step == steps):
+            acc = accuracy(actor, *val)
+            if acc > best:
+                best, best_state = acc, {k: v.clone() for k, v in actor.state_dict().items()}
+    if best_state is not None:
+        actor.load_state_dict(best_state)
     return accuracy(actor, x, m, y)
 
 
@@ -170,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3000, help="gradient steps per fit")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the students")
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="fraction of each batch of labelled episodes held out for early stopping (0: fit all, no stopping)")
     p.add_argument("--eval-episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="initialisation of the students")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -197,10 +215,19 @@ def main(argv=None) -> int:
     frozen = learner.policy  # encoder + agent recurrence + posterior of the run; its actor is not used here
     t0 = time.perf_counter()
     seed = TRAIN_SEED
+    if not 0.0 <= args.val_frac < 1.0:
+        raise SystemExit(f"error: --val-frac must be in [0, 1), got {args.val_frac}")
+
+    def split(eps):  # (labelled training part, labelled held-out part or None), whole episodes
+        n_val = min(int(round(args.val_frac * len(eps))), len(eps) - 1)
+        return (label(teacher, frozen, eps[:len(eps) - n_val]),
+                label(teacher, frozen, eps[len(eps) - n_val:]) if n_val > 0 else None)
+
     teacher_eps = [run_episode(env, teacher, seed + k, True, device)[0] for k in range(args.episodes)]
     seed += args.episodes
-    first = label(teacher, frozen, teacher_eps)
+    first, first_val = split(teacher_eps)
     data = {k: [first] for k in students}
+    val_data = {k: [first_val] if first_val is not None else [] for k in students}
     r2 = reconstruction_r2(teacher.layout, _compiled(task)[0], first[1], decode(first[0]))
     print(json.dumps({"reconstruction_r2": r2}), flush=True)
     rounds = []
@@ -210,12 +237,22 @@ def main(argv=None) -> int:
             x, o, m, y = (torch.cat(v) for v in zip(*data[k]))
             inp = inputs[k](x, o)
             row[f"{k}_samples"] = len(y)
-            row[f"{k}_train_acc"] = fit(actor, inp, m, y, args.steps, args.batch, args.lr, args.seed + r)
+            val = None
+            if val_data[k]:
+                xv, ov, mv, yv = (torch.cat(v) for v in zip(*val_data[k]))
+                val = (inputs[k](xv, ov), mv, yv)
+            row[f"{k}_train_acc"] = fit(actor, inp, m, y, args.steps, args.batch, args.lr, args.seed + r,
+                                        weight_decay=args.weight_decay, val=val)
+            if val is not None:
+                row[f"{k}_val_acc"] = accuracy(actor, *val)
             if r < args.dagger:  # the student plays, the teacher labels what it reached
                 eps = [run_episode(env, acting[k], seed + j, True, device)[0] for j in range(args.episodes)]
                 new = label(teacher, frozen, eps)
                 row[f"{k}_own_acc"] = accuracy(actor, inputs[k](new[0], new[1]), new[2], new[3])
-                data[k].append(new)
+                new_fit, new_val = split(eps)
+                data[k].append(new_fit)
+                if new_val is not None:
+                    val_data[k].append(new_val)
         seed += args.episodes
         rounds.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
@@ -239,10 +276,13 @@ def main(argv=None) -> int:
         for name, r in results.items():
             table.append(f"| {name} | {inputs[name]} | {r['win_rate']:.3f} [{r['win_rate_ci95'][0]:.2f}, "
                          f"{r['win_rate_ci95'][1]:.2f}] | {r['return']:.2f} |")
-        fits = ["| round | " + " | ".join(f"{k}: samples / fit acc. / acc. on own states" for k in students) + " |",
+        held = args.val_frac > 0
+        fits = ["| round | " + " | ".join(f"{k}: samples / fit acc. / " + ("held-out acc. / " if held else "")
+                                           + "acc. on own states" for k in students) + " |",
                 "|---:|" + "---|" * len(students)]
         for row in rounds:
             cell = lambda k: (f"{row[k + '_samples']} / {row[k + '_train_acc']:.3f} / "  # noqa: E731
+                              + (f"{row[k + '_val_acc']:.3f} / " if k + "_val_acc" in row else ("- / " if held else ""))
                               + (f"{row[k + '_own_acc']:.3f}" if k + "_own_acc" in row else "-"))
             fits.append(f"| {row['round']} | " + " | ".join(cell(k) for k in students) + " |")
         name = args.name or f"diagnosis:{cfg.run.env}:latent_ceiling"
@@ -252,7 +292,10 @@ def main(argv=None) -> int:
             f"- commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}",
             f"- checkpoint `{state['_path']}` ({env_steps:,} env steps); teacher `{args.teacher}` (sync margin "
             f"{args.sync_margin:g}); {args.episodes} teacher episodes + {args.dagger} DAgger round(s) of {args.episodes} "
-            f"(seeds {TRAIN_SEED}...); {args.steps} Adam steps (batch {args.batch}, lr {args.lr:g}) per fit; students "
+            f"(seeds {TRAIN_SEED}...); {args.steps} AdamW steps (batch {args.batch}, lr {args.lr:g}, weight decay "
+            f"{args.weight_decay:g}) per fit"
+            + (f", the best of every 100 steps on the held-out {args.val_frac:g} of each round's episodes (early stopping)"
+               if args.val_frac > 0 else "") + "; students "
             f"{cfg.ppo.hidden}x{cfg.ppo.layers} MLPs like the run's actor; evaluation: {args.eval_episodes} greedy episodes "
             f"on seeds {FINAL_SEED}...; 95% Wilson intervals; {out['seconds']:.0f} s", "",
             *table, "", *fits, "",

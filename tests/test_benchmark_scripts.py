@@ -396,16 +396,31 @@ def test_latent_ceiling_clones_a_scripted_rule_on_the_actors_own_input(tmp_path,
     student = lc.Actor(env.spec.obs_dim, env.spec.action_dim, 64, 2, True)
     before = lc.accuracy(student, o, m, y)
     assert lc.fit(student, o, m, y, steps=300, batch=256, lr=3e-3, seed=0) > max(0.9, before)
+    # early stopping keeps the parameters of the best held-out check, the last step among the checks:
+    # on labels unrelated to the inputs it ends at least as good on the held-out set as the same fit
+    # (same initialisation and batches) without stopping
+    import copy
+
+    torch.manual_seed(1)
+    plain = lc.Actor(env.spec.obs_dim, env.spec.action_dim, 64, 2, True)
+    stopped = copy.deepcopy(plain)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    lc.fit(plain, o, m, shuffled, steps=60, batch=256, lr=3e-3, seed=0, weight_decay=0.01)
+    lc.fit(stopped, o, m, shuffled, steps=60, batch=256, lr=3e-3, seed=0, weight_decay=0.01, val=(o, m, y), check_every=1)
+    assert lc.accuracy(stopped, o, m, y) >= lc.accuracy(plain, o, m, y)
 
     written = {}
     monkeypatch.setattr(lc, "write_section", lambda name, body: written.update({name: body}))
-    assert lc.main([str(run), "--episodes", "3", "--dagger", "1", "--steps", "5", "--eval-episodes", "2"]) == 0
+    assert lc.main([str(run), "--episodes", "3", "--dagger", "1", "--steps", "5", "--eval-episodes", "2",
+                    "--val-frac", "0.34", "--weight-decay", "0.01"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["round"] for r in out["rounds"]] == [0, 1]
     assert out["rounds"][1]["latent_samples"] > out["rounds"][0]["latent_samples"]
+    assert all(0.0 <= r[k + "_val_acc"] <= 1.0 for r in out["rounds"] for k in ("latent", "decoded", "obs"))
     assert set(out["results"]) == {"teacher", "run's actor", "latent student", "decoded student", "obs student"}
     body = written["diagnosis:smax:3m:latent_ceiling"]
     assert "benchmarks/latent_ceiling.py" in body and "| latent student | [z^a, h^a] (cloned) |" in body
+    assert "held-out acc." in body and "early stopping" in body
     r2 = out["reconstruction_r2"]
     assert set(r2) == {"allies", "enemies", "own"} and all(set(v) == {"health", "x", "y", "cooldown"} for v in r2.values())
     assert all(v <= 1.0 for g in r2.values() for v in g.values() if v == v) and "| enemies |" in body
