@@ -25,7 +25,11 @@ everything so far, so the students are judged on their own state distribution. `
 out the last fraction F of every batch of labelled episodes and keeps, per fit, the parameters with the
 best accuracy there (early stopping; with ``--weight-decay``, AdamW's decoupled decay): a student on the
 1,280-wide latent input can memorize its training states, so without it a gap between the students may
-be over-fitting rather than missing information. Finally the teacher,
+be over-fitting rather than missing information. ``--imagine N`` then asks the next question: does the
+world model rate the latent student (which plays the rule) above the run's actor, as the environment
+does? Imagined against real returns from the first states of N held-out episodes, as in
+``benchmarks/imagined_vs_real.py``; a model that rates the better policy lower explains why PPO in
+imagination does not move toward it. Finally the teacher,
 the run's own actor and both students play the same ``--eval-episodes`` held-out seeds (2000003...,
 the learning curves' final comparison). A latent student close to the obs student means the
 features carry the rule and the gap lies in the learning; a latent student far below it means the
@@ -175,6 +179,40 @@ def reconstruction_r2(layout: ObsLayout, jenv, obs: torch.Tensor, decoded: torch
     return out
 
 
+def rate_in_imagination(learner, env, policies: dict, episodes: int, horizon: int, repeats: int) -> dict:
+    """Real, imagined and open-loop replayed returns (``benchmarks/imagined_vs_real.py``) of actors on the
+    agent features, from the first states of held-out episodes: ``policies`` maps a name to (the Actor
+    acting in imagination on [z^a, h^a], the decentralized policy acting in the environment). Returns
+    per name the means, standard errors and paired differences to the first policy."""
+    from imagined_vs_real import imagined_returns, open_loop
+    from smax_scripted import STOP
+
+    seeds = [FINAL_SEED + k for k in range(episodes)]
+    firsts = [env.reset(seed=s) for s in seeds]
+    f_obs, f_state, f_avail = (np.stack([getattr(t, k) for t in firsts]) for k in ("obs", "state", "avail"))
+    rows = {}
+    for name, (actor, policy) in policies.items():
+        played = [run_episode(env, policy, s, True, torch.device("cpu")) for s in seeds]
+        eps = [ep for ep, _ in played]
+        imag = lambda _t, fa, avail, _dec, a=actor: a.sample(fa, avail, deterministic=True)[0]  # noqa: E731
+        rows[name] = {"real": np.array([st.ret for _, st in played]),
+                      "imagined": imagined_returns(learner, f_obs, f_state, f_avail, imag, horizon, repeats, STOP),
+                      "replayed": imagined_returns(learner, f_obs, f_state, f_avail, open_loop(eps, STOP), horizon,
+                                                   repeats, STOP)}
+    ref = next(iter(rows.values()))
+    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
+    out = {}
+    for name, r in rows.items():
+        out[name] = {}
+        for c in ("real", "imagined", "replayed"):
+            d = r[c] - ref[c]
+            out[name].update({c: float(r[c].mean()), c + "_se": se(r[c]),
+                              c + "_minus_actor": float(d.mean()), c + "_minus_actor_se": se(d)})
+        print(f"{name:16s} real {out[name]['real']:6.2f}  imagined {out[name]['imagined']:6.2f}  "
+              f"replayed {out[name]['replayed']:6.2f}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint file or run directory (newest checkpoint)")
@@ -189,6 +227,11 @@ def main(argv=None) -> int:
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="fraction of each batch of labelled episodes held out for early stopping (0: fit all, no stopping)")
     p.add_argument("--eval-episodes", type=int, default=100)
+    p.add_argument("--imagine", type=int, default=0, metavar="N",
+                   help="also compare how the world model rates the run's actor and the latent student: imagined "
+                        "against real returns from the first states of N held-out episodes (0: off)")
+    p.add_argument("--horizon", type=int, default=25, help="imagined steps of --imagine (cover the whole episode)")
+    p.add_argument("--repeats", type=int, default=4, help="latent samples per start of --imagine")
     p.add_argument("--seed", type=int, default=0, help="initialisation of the students")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--name", default="", help="BENCHMARKS.md section (default diagnosis:<env>:latent_ceiling)")
@@ -263,9 +306,12 @@ def main(argv=None) -> int:
         results[name] = {k: res[k] for k in ("win_rate", "win_rate_ci95", "return", "length")}
         lo, hi = res["win_rate_ci95"]
         print(f"{name:16s} win {res['win_rate']:.3f} [{lo:.2f}, {hi:.2f}]  return {res['return']:6.2f}", flush=True)
+    rating = rate_in_imagination(learner, env, {"run's actor": (learner.policy.actor, learner.policy),
+                                                "latent student": (students["latent"], acting["latent"])},
+                                 args.imagine, args.horizon, args.repeats) if args.imagine > 0 else {}
     env_steps = int(state.get("counters", {}).get("env_steps", 0))
     out = {"checkpoint": state["_path"], "env": cfg.run.env, "env_steps": env_steps, "teacher": args.teacher,
-           "sync_margin": args.sync_margin, "reconstruction_r2": r2, "rounds": rounds, "results": results,
+           "sync_margin": args.sync_margin, "reconstruction_r2": r2, "rounds": rounds, "results": results, "imagined": rating,
            "seconds": round(time.perf_counter() - t0, 1)}
     if not args.no_write:
         cmd = "python benchmarks/latent_ceiling.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -302,6 +348,17 @@ def main(argv=None) -> int:
             "R² of the observation decoded from [z^a, h^a] on the teacher's states (live agents), per unit group and feature:", "",
             "| units | health | x | y | weapon cooldown |", "|---|---:|---:|---:|---:|",
             *[f"| {g} | " + " | ".join(f"{v[c]:.3f}" for c in ("health", "x", "y", "cooldown")) + " |" for g, v in r2.items()],
+            *(["", f"How the world model rates the two policies on the [z^a, h^a] features (`--imagine {args.imagine}`): "
+                   f"from the posterior state of the first observation of held-out episodes {FINAL_SEED}..., the priors "
+                   f"rolled {args.horizon} steps with the policy acting greedily ({args.repeats} latent samples each); "
+                   "*replayed*: the actions of the policy's real episode replayed open loop; mean ± standard error, "
+                   "and the paired difference to the run's actor:", "",
+                   "| policy | real return | imagined | replayed | real − actor | imagined − actor | replayed − actor |",
+                   "|---|---:|---:|---:|---:|---:|---:|",
+                   *[f"| {n} | " + " | ".join(f"{r[c]:.2f} ± {r[c + '_se']:.2f}" for c in ("real", "imagined", "replayed"))
+                     + " | " + " | ".join(f"{r[c + '_minus_actor']:+.2f} ± {r[c + '_minus_actor_se']:.2f}"
+                                          for c in ("real", "imagined", "replayed")) + " |" for n, r in rating.items()]]
+              if rating else []),
             *(["", args.note] if args.note else []),
         ])
         write_section(name, body)

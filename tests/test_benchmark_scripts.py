@@ -412,7 +412,7 @@ def test_latent_ceiling_clones_a_scripted_rule_on_the_actors_own_input(tmp_path,
     written = {}
     monkeypatch.setattr(lc, "write_section", lambda name, body: written.update({name: body}))
     assert lc.main([str(run), "--episodes", "3", "--dagger", "1", "--steps", "5", "--eval-episodes", "2",
-                    "--val-frac", "0.34", "--weight-decay", "0.01"]) == 0
+                    "--val-frac", "0.34", "--weight-decay", "0.01", "--imagine", "3", "--horizon", "4", "--repeats", "1"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["round"] for r in out["rounds"]] == [0, 1]
     assert out["rounds"][1]["latent_samples"] > out["rounds"][0]["latent_samples"]
@@ -421,6 +421,13 @@ def test_latent_ceiling_clones_a_scripted_rule_on_the_actors_own_input(tmp_path,
     body = written["diagnosis:smax:3m:latent_ceiling"]
     assert "benchmarks/latent_ceiling.py" in body and "| latent student | [z^a, h^a] (cloned) |" in body
     assert "held-out acc." in body and "early stopping" in body
+    rated = out["imagined"]
+    assert list(rated) == ["run's actor", "latent student"] and "| latent student | " in body.split("How the world model")[1]
+    assert rated["run's actor"]["imagined_minus_actor"] == 0.0 and all(v == v for v in rated["latent student"].values())
+    # the real return is the environment's: the run's actor scores what evaluate() gives on the same seeds
+    from mabl.train import evaluate
+
+    assert rated["run's actor"]["real"] == pytest.approx(evaluate(env, learner.policy, 3, lc.FINAL_SEED, torch.device("cpu"))["return"])
     r2 = out["reconstruction_r2"]
     assert set(r2) == {"allies", "enemies", "own"} and all(set(v) == {"health", "x", "y", "cooldown"} for v in r2.values())
     assert all(v <= 1.0 for g in r2.values() for v in g.values() if v == v) and "| enemies |" in body
