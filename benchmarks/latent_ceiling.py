@@ -290,9 +290,9 @@ def main(argv=None) -> int:
                 row[f"{k}_val_acc"] = accuracy(actor, *val)
             if r < args.dagger:  # the student plays, the teacher labels what it reached
                 eps = [run_episode(env, acting[k], seed + j, True, device)[0] for j in range(args.episodes)]
-                new = label(teacher, frozen, eps)
-                row[f"{k}_own_acc"] = accuracy(actor, inputs[k](new[0], new[1]), new[2], new[3])
                 new_fit, new_val = split(eps)
+                new = [torch.cat(v) for v in zip(*([new_fit] + ([new_val] if new_val is not None else [])))]
+                row[f"{k}_own_acc"] = accuracy(actor, inputs[k](new[0], new[1]), new[2], new[3])
                 data[k].append(new_fit)
                 if new_val is not None:
                     val_data[k].append(new_val)
