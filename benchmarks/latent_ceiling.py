@@ -238,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="a paragraph added to the section")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if not 0.0 <= args.val_frac < 1.0:  # checked before the checkpoint is loaded
+        raise SystemExit(f"error: --val-frac must be in [0, 1), got {args.val_frac}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg, learner, state = load_for_eval(args.checkpoint)
@@ -258,9 +260,6 @@ def main(argv=None) -> int:
     frozen = learner.policy  # encoder + agent recurrence + posterior of the run; its actor is not used here
     t0 = time.perf_counter()
     seed = TRAIN_SEED
-    if not 0.0 <= args.val_frac < 1.0:
-        raise SystemExit(f"error: --val-frac must be in [0, 1), got {args.val_frac}")
-
     def split(eps):  # (labelled training part, labelled held-out part or None), whole episodes
         n_val = min(int(round(args.val_frac * len(eps))), len(eps) - 1)
         return (label(teacher, frozen, eps[:len(eps) - n_val]),
