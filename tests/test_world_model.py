@@ -288,6 +288,42 @@ def test_unimix_mixes_every_latent_distribution():
             tiny(unimix=bad)
 
 
+@pytest.mark.parametrize("variant", [dict(), dict(agent_prior_input="zhat_g+h_g", unimix=0.01), dict(bilevel=False)],
+                         ids=["bilevel", "prior-h_g-unimix", "no-global"])
+def test_imagine_latent_mode_takes_each_categoricals_most_likely_class(variant):
+    """``model.imagine_latent="mode"`` (extension): imagination's prior latents are the argmax class of
+    every categorical (ẑ^g from p(ẑ^g | h^g), then ẑ^a from the agent prior given that ẑ^g), so a step
+    is deterministic; "sample" (the paper) draws them; an unknown value is a config error."""
+    b = batch()
+    torch.manual_seed(2)
+    m = BiLevelWorldModel(SPEC, tiny(imagine_latent="mode", **variant).model)
+    K = m.cfg.n_classes
+    with torch.no_grad():
+        post, _, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
+        start = post.map(lambda x: x[-1])
+        act = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 3)), 5).float()
+        one, two = m.imagine_step(start, act), m.imagine_step(start, act)
+        for name in ("z_a", "z_g"):
+            x, y = getattr(one, name), getattr(two, name)
+            assert (x is None) == (y is None) == (name == "z_g" and not m.bilevel)
+            if x is not None:
+                assert torch.equal(x, y), name
+        h_a = m.agent_gru(torch.relu(m.agent_in(start.z_a, act)), start.h_a)
+        assert torch.allclose(one.h_a, h_a, atol=1e-6)
+        mode = lambda logits: torch.nn.functional.one_hot(logits.unflatten(-1, (-1, K)).argmax(-1), K).flatten(-2).float()  # noqa: E731
+        if m.bilevel:
+            assert torch.equal(one.z_g, mode(m.global_prior(one.h_g)))
+            assert torch.equal(one.z_a, mode(m._agent_prior(one.h_a, m._expand_g(one.z_g), m._expand_g(one.h_g))))
+        else:
+            assert torch.equal(one.z_a, mode(m.agent_prior(one.h_a)))
+        # the paper's sampling draws other classes from the same state
+        m.cfg = tiny(imagine_latent="sample", **variant).model
+        torch.manual_seed(3)
+        assert not torch.equal(m.imagine_step(start, act).z_a, one.z_a)
+    with pytest.raises(ConfigError, match="imagine_latent: 'argmax'; accepted: sample, mode"):
+        tiny(imagine_latent="argmax")
+
+
 def test_prior_heads_train_the_heads_on_one_step_prior_samples():
     """``model.prior_heads`` (extension): two extra terms, the reward and termination losses of the heads on
     (ẑ^a ~ p(ẑ^a | h^a, ẑ^g), h^a, ẑ^g, h^g) with the posterior rollout's h and the ẑ^g the agent prior was

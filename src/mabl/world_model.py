@@ -351,6 +351,11 @@ class BiLevelWorldModel(nn.Module):
             return self._mix(self.agent_prior[2](F.relu(self.agent_prior[0](h_a, zhat_g, h_g))))
         return self._mix(self.agent_prior[2](F.relu(self.agent_prior[0](h_a, zhat_g))))
 
+    @property
+    def imagine_sample(self) -> bool:
+        """Whether imagination samples the prior latents (``cfg.imagine_latent="sample"``) or takes their mode."""
+        return self.cfg.imagine_latent == "sample"
+
     def _sample(self, logits: torch.Tensor, sample: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.speed.fast_sampling:
             out = dtype or logits.dtype
@@ -364,14 +369,16 @@ class BiLevelWorldModel(nn.Module):
 
     # -- prior step (imagination) -----------------------------------------------------------
     def imagine_step(self, st: LatentState, action: torch.Tensor) -> LatentState:
-        """One transition of the priors (§3.1 'Transition Model') under agents' actions ``[..., N, A]``."""
+        """One transition of the priors (§3.1 'Transition Model') under agents' actions ``[..., N, A]``
+        (latents drawn as ``cfg.imagine_latent`` says: sampled, or each categorical's mode)."""
+        draw = self.imagine_sample
         h_a = self.agent_gru(F.relu(self.agent_in(st.z_a, action)), st.h_a)
         if not self.bilevel:
-            z_a = self._sample(self._agent_prior(h_a), True)
+            z_a = self._sample(self._agent_prior(h_a), draw)
             return LatentState(h_a, z_a)
         h_g = self.global_gru(F.relu(self.global_in(st.z_g, self.joint_action(action))), st.h_g)
-        z_g = self._sample(self._mix(self.global_prior(h_g)), True)
-        z_a = self._sample(self._agent_prior(h_a, self._expand_g(z_g), self._expand_g(h_g)), True)
+        z_g = self._sample(self._mix(self.global_prior(h_g)), draw)
+        z_a = self._sample(self._agent_prior(h_a, self._expand_g(z_g), self._expand_g(h_g)), draw)
         return LatentState(h_a, z_a, h_g, z_g)
 
     # -- heads ------------------------------------------------------------------------------
