@@ -24,13 +24,18 @@ of ``benchmarks/smax_scripted.py`` acting on the observations the model decodes 
 agent states (``obs_decoder(z^a, h^a)``) and on its predicted action availability. A model that
 ranks the scripted ``weakest_sync`` rule below the actor while the environment ranks it above
 shows where the learner's ceiling comes from: behaviour the data never contains is predicted poorly.
-Prints a table and, last, one JSON line; writes nothing.
+``--imagine-latent sample mode`` repeats the imagined and replayed columns for each way imagination
+draws the prior latents (``model.imagine_latent``; default: the checkpoint's own). Prints a table and,
+last, one JSON line; ``--name`` also writes the table as a BENCHMARKS.md section.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from learning_curve import FINAL_SEED, episode_posterior  # noqa: E402
+from learning_curve import FINAL_SEED, commit, episode_posterior, machine, write_section  # noqa: E402
 from mabl.envs import make_env  # noqa: E402
 from mabl.train import load_for_eval, run_episode  # noqa: E402
 
@@ -114,9 +119,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=FINAL_SEED)
     p.add_argument("--horizon", type=int, default=25, help="imagined steps (cover the whole episode)")
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--imagine-latent", nargs="+", choices=("sample", "mode"),
+                   help="how imagination draws the prior latents, one set of columns each (default: the checkpoint's)")
+    p.add_argument("--name", help="also write the table as this BENCHMARKS.md section")
     args = p.parse_args(argv)
+    t0 = time.time()
     cfg, learner, _ = load_for_eval(args.checkpoint)
     learner.model.eval()
+    draws = args.imagine_latent or [cfg.model.imagine_latent]
     torch.manual_seed(args.seed)
     env = make_env(cfg.run.env, seed=0, **cfg.run.env_options)
     if not env.spec.discrete:
@@ -158,13 +168,18 @@ def main(argv=None) -> int:
             policies[f"scripted {name}"] = (imag, *real(pol, True))
     rows = {}
     for name, (imag, real, episodes) in policies.items():
-        rows[name] = dict(real=real, posterior=posterior_returns(learner, episodes),
-                          imagined=imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon, args.repeats, stop),
-                          replayed=imagined_returns(learner, f_obs, f_state, f_avail, open_loop(episodes, stop or 0),
-                                                    args.horizon, args.repeats, stop))
+        rows[name] = dict(real=real, posterior=posterior_returns(learner, episodes))
+        for draw in draws:
+            learner.model.cfg = dataclasses.replace(cfg.model, imagine_latent=draw)
+            tag = "" if len(draws) == 1 else f" ({draw})"
+            rows[name]["imagined" + tag] = imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon,
+                                                            args.repeats, stop)
+            rows[name]["replayed" + tag] = imagined_returns(learner, f_obs, f_state, f_avail, open_loop(episodes, stop or 0),
+                                                            args.horizon, args.repeats, stop)
+    learner.model.cfg = cfg.model
     ref = rows["actor (greedy)"]
     se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))  # noqa: E731
-    cols = ("real", "posterior", "imagined", "replayed")
+    cols = tuple(rows["actor (greedy)"])
     print(f"{'policy':22s}" + "".join(f"{c:>14s}" for c in cols) + "".join(f"{c[:4] + ' - actor':>17s}" for c in cols))
     result = {}
     for name, r in rows.items():
@@ -179,6 +194,19 @@ def main(argv=None) -> int:
         result[name] = row
         print(line)
     print(json.dumps({"checkpoint": str(args.checkpoint), "episodes": args.episodes, "horizon": args.horizon, "policies": result}))
+    if args.name:
+        cmd = "python benchmarks/imagined_vs_real.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        lines = [f"### Imagined against real returns (`{args.name}`)", "", f"- command: `{cmd}`",
+                 f"- commit `{commit()}`, {time.strftime('%Y-%m-%d')}, machine: {machine()}",
+                 f"- checkpoint `{args.checkpoint}`; {args.episodes} episodes on seeds {args.seed}...; horizon {args.horizon}, "
+                 f"{args.repeats} latent samples each; mean ± standard error, and the paired difference to the actor "
+                 f"(greedy); {time.time() - t0:.0f} s", "",
+                 "| policy | " + " | ".join(cols) + " | " + " | ".join(f"{c} − actor" for c in cols) + " |",
+                 "|---|" + "---:|" * (2 * len(cols))]
+        for name, row in result.items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f} ± {row[c + '_se']:.2f}" for c in cols) + " | "
+                         + " | ".join(f"{row[c + '_minus_actor']:+.2f} ± {row[c + '_minus_actor_se']:.2f}" for c in cols) + " |")
+        write_section(args.name, "\n".join(lines) + "\n")
     return 0
 
 

@@ -102,7 +102,7 @@ def test_scripted_rules_focus_and_wait():
         sc.ScriptedPolicy("kite", layout)
 
 
-def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys):
+def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys, monkeypatch):
     sc = load_script("smax_scripted")
     assert sc.main(["--env", "smax:3m", "--episodes", "4", "--output", str(tmp_path / "s.md")]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -119,6 +119,15 @@ def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys):
     assert res["actor (greedy)"]["imagined_minus_actor"] == 0.0 == res["actor (greedy)"]["replayed_minus_actor"]
     for row in res.values():
         assert np.isfinite([row["real"], row["posterior"], row["imagined"], row["replayed"]]).all()
+    # both ways of drawing imagination's latents, one set of columns each, written as a section
+    monkeypatch.setattr(ivr, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
+    assert ivr.main([str(run), "--episodes", "3", "--horizon", "4", "--repeats", "2", "--imagine-latent", "sample", "mode",
+                     "--name", "diagnosis:test"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["policies"]
+    for row in res.values():
+        assert np.isfinite([row[f"{c} ({d})"] for c in ("imagined", "replayed") for d in ("sample", "mode")]).all()
+    text = (tmp_path / "section.md").read_text()
+    assert text.startswith("diagnosis:test") and "replayed (mode)" in text and "--imagine-latent sample mode" in text
 
 
 def test_reward_by_agent_splits_alive_and_dead_agents(tmp_path, capsys, monkeypatch):
