@@ -180,13 +180,14 @@ def main(argv=None) -> int:
     ref = rows["actor (greedy)"]
     se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))  # noqa: E731
     cols = tuple(rows["actor (greedy)"])
-    print(f"{'policy':22s}" + "".join(f"{c:>14s}" for c in cols) + "".join(f"{c[:4] + ' - actor':>17s}" for c in cols))
+    w = max(14, max(len(c) for c in cols) + 1)
+    print(f"{'policy':22s}" + "".join(f"{c:>{w}s}" for c in cols) + "".join(f"{c[:4] + ' - actor':>17s}" for c in cols))
     result = {}
     for name, r in rows.items():
         row, line = {}, f"{name:22s}"
         for c in cols:
             row[c], row[c + "_se"] = float(r[c].mean()), se(r[c])
-            line += f"{r[c].mean():9.2f}±{se(r[c]):4.2f}"
+            line += f"{r[c].mean():{w - 5}.2f}±{se(r[c]):4.2f}"
         for c in cols:
             d = r[c] - ref[c]
             row[c + "_minus_actor"], row[c + "_minus_actor_se"] = float(d.mean()), se(d)
