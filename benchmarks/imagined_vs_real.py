@@ -112,6 +112,28 @@ def imagined_returns(learner, first_obs, first_state, first_avail, policy, horiz
     return np.mean(out, 0)
 
 
+def paired_summary(rows: dict[str, dict[str, np.ndarray]], cols) -> dict[str, dict[str, float]]:
+    """Per policy and column: mean, standard error, and the paired difference (mean, standard error) to the
+    first policy of ``rows`` (same episode seeds), as ``c``, ``c_se``, ``c_minus_actor``, ``c_minus_actor_se``."""
+    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
+    ref = next(iter(rows.values()))
+    out = {}
+    for name, r in rows.items():
+        out[name] = {}
+        for c in cols:
+            d = r[c] - ref[c]
+            out[name].update({c: float(r[c].mean()), c + "_se": se(r[c]),
+                              c + "_minus_actor": float(d.mean()), c + "_minus_actor_se": se(d)})
+    return out
+
+
+def markdown_rows(result: dict[str, dict[str, float]], cols) -> list[str]:
+    """The table rows of :func:`paired_summary`: the columns, then their differences to the first policy."""
+    return [f"| {name} | " + " | ".join(f"{row[c]:.2f} ± {row[c + '_se']:.2f}" for c in cols) + " | "
+            + " | ".join(f"{row[c + '_minus_actor']:+.2f} ± {row[c + '_minus_actor_se']:.2f}" for c in cols) + " |"
+            for name, row in result.items()]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint file or run directory (newest checkpoint)")
@@ -177,23 +199,13 @@ def main(argv=None) -> int:
             rows[name]["replayed" + tag] = imagined_returns(learner, f_obs, f_state, f_avail, open_loop(episodes, stop or 0),
                                                             args.horizon, args.repeats, stop)
     learner.model.cfg = cfg.model
-    ref = rows["actor (greedy)"]
-    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))  # noqa: E731
     cols = tuple(rows["actor (greedy)"])
+    result = paired_summary(rows, cols)
     w = max(14, max(len(c) for c in cols) + 1)
     print(f"{'policy':22s}" + "".join(f"{c:>{w}s}" for c in cols) + "".join(f"{c[:4] + ' - actor':>17s}" for c in cols))
-    result = {}
-    for name, r in rows.items():
-        row, line = {}, f"{name:22s}"
-        for c in cols:
-            row[c], row[c + "_se"] = float(r[c].mean()), se(r[c])
-            line += f"{r[c].mean():{w - 5}.2f}±{se(r[c]):4.2f}"
-        for c in cols:
-            d = r[c] - ref[c]
-            row[c + "_minus_actor"], row[c + "_minus_actor_se"] = float(d.mean()), se(d)
-            line += f"{d.mean():+12.2f}±{se(d):4.2f}"
-        result[name] = row
-        print(line)
+    for name, row in result.items():
+        print(f"{name:22s}" + "".join(f"{row[c]:{w - 5}.2f}±{row[c + '_se']:4.2f}" for c in cols)
+              + "".join(f"{row[c + '_minus_actor']:+12.2f}±{row[c + '_minus_actor_se']:4.2f}" for c in cols))
     print(json.dumps({"checkpoint": str(args.checkpoint), "episodes": args.episodes, "horizon": args.horizon, "policies": result}))
     if args.name:
         cmd = "python benchmarks/imagined_vs_real.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -203,10 +215,7 @@ def main(argv=None) -> int:
                  f"{args.repeats} latent samples each; mean ± standard error, and the paired difference to the actor "
                  f"(greedy); {time.time() - t0:.0f} s", "",
                  "| policy | " + " | ".join(cols) + " | " + " | ".join(f"{c} − actor" for c in cols) + " |",
-                 "|---|" + "---:|" * (2 * len(cols))]
-        for name, row in result.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f} ± {row[c + '_se']:.2f}" for c in cols) + " | "
-                         + " | ".join(f"{row[c + '_minus_actor']:+.2f} ± {row[c + '_minus_actor_se']:.2f}" for c in cols) + " |")
+                 "|---|" + "---:|" * (2 * len(cols)), *markdown_rows(result, cols)]
         write_section(args.name, "\n".join(lines) + "\n")
     return 0
 

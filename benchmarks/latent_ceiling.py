@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from imagined_vs_real import markdown_rows  # noqa: E402
 from learning_curve import FINAL_SEED, commit, machine, write_section  # noqa: E402
 from smax_scripted import POLICIES, ObsLayout, ScriptedPolicy  # noqa: E402
 from mabl.agent import AgentCarry, DecentralizedPolicy  # noqa: E402
@@ -184,7 +185,7 @@ def rate_in_imagination(learner, env, policies: dict, episodes: int, horizon: in
     agent features, from the first states of held-out episodes: ``policies`` maps a name to (the Actor
     acting in imagination on [z^a, h^a], the decentralized policy acting in the environment). Returns
     per name the means, standard errors and paired differences to the first policy."""
-    from imagined_vs_real import imagined_returns, open_loop
+    from imagined_vs_real import imagined_returns, open_loop, paired_summary
     from smax_scripted import STOP
 
     seeds = [FINAL_SEED + k for k in range(episodes)]
@@ -199,15 +200,8 @@ def rate_in_imagination(learner, env, policies: dict, episodes: int, horizon: in
                       "imagined": imagined_returns(learner, f_obs, f_state, f_avail, imag, horizon, repeats, STOP),
                       "replayed": imagined_returns(learner, f_obs, f_state, f_avail, open_loop(eps, STOP), horizon,
                                                    repeats, STOP)}
-    ref = next(iter(rows.values()))
-    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
-    out = {}
-    for name, r in rows.items():
-        out[name] = {}
-        for c in ("real", "imagined", "replayed"):
-            d = r[c] - ref[c]
-            out[name].update({c: float(r[c].mean()), c + "_se": se(r[c]),
-                              c + "_minus_actor": float(d.mean()), c + "_minus_actor_se": se(d)})
+    out = paired_summary(rows, ("real", "imagined", "replayed"))
+    for name in out:
         print(f"{name:16s} real {out[name]['real']:6.2f}  imagined {out[name]['imagined']:6.2f}  "
               f"replayed {out[name]['replayed']:6.2f}", flush=True)
     return out
@@ -354,9 +348,7 @@ def main(argv=None) -> int:
                    "and the paired difference to the run's actor:", "",
                    "| policy | real return | imagined | replayed | real − actor | imagined − actor | replayed − actor |",
                    "|---|---:|---:|---:|---:|---:|---:|",
-                   *[f"| {n} | " + " | ".join(f"{r[c]:.2f} ± {r[c + '_se']:.2f}" for c in ("real", "imagined", "replayed"))
-                     + " | " + " | ".join(f"{r[c + '_minus_actor']:+.2f} ± {r[c + '_minus_actor_se']:.2f}"
-                                          for c in ("real", "imagined", "replayed")) + " |" for n, r in rating.items()]]
+                   *markdown_rows(rating, ("real", "imagined", "replayed"))]
               if rating else []),
             *(["", args.note] if args.note else []),
         ])
