@@ -35,7 +35,8 @@ PRIOR_HEADS = [dict(prior_heads=0.5, reward_input="agent+global"), dict(prior_he
                dict(prior_heads=1.0, bilevel=False)]  # the extension model.prior_heads
 PRIOR_H_G = [dict(agent_prior_input="zhat_g+h_g"), dict(agent_prior_input="zhat_g+h_g", single_global=True, prior_heads=0.5)]
 IMAGINE_MODE = [dict(imagine_latent="mode", agent_prior_input="zhat_g+h_g", unimix=0.01),
-                dict(imagine_latent="mode", bilevel=False)]  # the extension model.imagine_latent
+                dict(imagine_latent="mode", bilevel=False),  # the extension model.imagine_latent
+                dict(imagine_temperature=0.5, agent_prior_input="zhat_g+h_g", unimix=0.01)]  # and model.imagine_temperature
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +152,7 @@ def test_fused_observe_matches_plain_posteriors_and_carry(variant):
 @pytest.mark.parametrize("gather", [False, True], ids=["matmul", "gather"])
 @pytest.mark.parametrize("variant", VARIANTS + [dict(reward_input="agent+global")] + UNIMIX + PRIOR_H_G + IMAGINE_MODE,
                          ids=["bilevel", "no-global", "single-global", "reward-global", "unimix", "unimix-single-global",
-                              "prior-h_g", "prior-h_g-single-global", "mode", "mode-no-global"])
+                              "prior-h_g", "prior-h_g-single-global", "mode", "mode-no-global", "temperature"])
 def test_fused_imagination_matches_plain(variant, gather):
     """Fused first layers + availability reused: the same trajectory from the same random stream."""
     model, cfg = _model(**variant)

@@ -324,6 +324,30 @@ def test_imagine_latent_mode_takes_each_categoricals_most_likely_class(variant):
         tiny(imagine_latent="argmax")
 
 
+def test_imagine_temperature_samples_softmax_of_logits_over_temperature():
+    """``model.imagine_temperature`` (extension): imagination samples each prior categorical from
+    softmax(logits / T). Class frequencies over many draws match that distribution (and not the T=1 one);
+    a tiny T gives the mode; T=1 is the paper's draw; T <= 0 is a config error."""
+    torch.manual_seed(0)
+    m = BiLevelWorldModel(SPEC, tiny(imagine_temperature=0.5).model)
+    K = m.cfg.n_classes
+    logits = torch.randn(1, m.stoch)
+    many = logits.expand(20_000, -1)
+    with torch.no_grad():
+        freq = m.imagine_draw(many).unflatten(-1, (-1, K)).mean(0)
+        sharp = torch.softmax(logits.unflatten(-1, (-1, K)) / 0.5, -1)[0]
+        plain = torch.softmax(logits.unflatten(-1, (-1, K)), -1)[0]
+        assert (freq - sharp).abs().max() < 0.02 < (freq - plain).abs().max()
+        m.cfg = tiny(imagine_temperature=1e-4).model
+        mode = torch.nn.functional.one_hot(logits.unflatten(-1, (-1, K)).argmax(-1), K).flatten(-2).float()
+        assert torch.equal(m.imagine_draw(logits), mode)
+        m.cfg = tiny(imagine_latent="mode", imagine_temperature=3.0).model  # the mode ignores the temperature
+        assert torch.equal(m.imagine_draw(logits), mode)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ConfigError, match="imagine_temperature must be > 0"):
+            tiny(imagine_temperature=bad)
+
+
 def test_prior_heads_train_the_heads_on_one_step_prior_samples():
     """``model.prior_heads`` (extension): two extra terms, the reward and termination losses of the heads on
     (ẑ^a ~ p(ẑ^a | h^a, ẑ^g), h^a, ẑ^g, h^g) with the posterior rollout's h and the ẑ^g the agent prior was

@@ -86,6 +86,11 @@ class WorldModelConfig:
     # exploits the deterministic model (actor imagined 18.4, real 17.1): held-out 50k win rate seeds 0/1
     # 0.73/0.64 against 0.78/0.77 with "sample", so the best configuration keeps sampling.
     imagine_latent: str = "sample"
+    # Extension, not in the paper (1.0 = the paper): with imagine_latent="sample", the prior logits (after
+    # unimix) are divided by this temperature before each draw; < 1 sharpens the imagined futures toward the
+    # mode without making them deterministic (between "sample" and "mode": open-loop replay on SMAX 3m,
+    # BENCHMARKS.md "diagnosis:smax:3m:imagine_latent"). Ignored with imagine_latent="mode".
+    imagine_temperature: float = 1.0
 
 
 @dataclass
@@ -384,7 +389,7 @@ _POSITIVE = {
     "run": ("steps", "eval_every", "eval_episodes", "checkpoint_every", "keep_checkpoints", "log_every", "train_every", "best_window"),
 }
 _POSITIVE_FLOAT = {
-    "model": ("lr", "grad_clip"),
+    "model": ("lr", "grad_clip", "imagine_temperature"),
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip", "return_range_floor"),
 }
 _NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy", "entropy_target", "entropy_target_lr", "counterfactual_samples",

@@ -311,7 +311,6 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
     D, S, H = cfg.deter, model.stoch, cfg.hidden
     M, N = start.h_a.shape[:2]
     bil = model.bilevel
-    draw = model.imagine_sample  # sampled prior latents, or their mode (model.imagine_latent)
     with no_autocast(start.h_a.device.type):
         c = Caster(dt)
         ain, ag, ap = model.agent_in, model.agent_gru.lin, model.agent_prior[0]
@@ -403,10 +402,10 @@ def _imagine_fused(model: BiLevelWorldModel, actor: Actor, start: LatentState, h
                 xg = F.relu(fl.out("in_g", p_zg) + jact)
                 h_g = gru_update(F.linear(xg, Wx_g, b_g) + fl.out("gru_g", p_hg), h_g, D)
                 p_hg = fl.project("h_g", h_g.to(dt))
-                z_g = model._sample(model._mix(mlp_tail(model.global_prior, fl.out("prior_g", p_hg), c)), draw, dt)
+                z_g = model.imagine_draw(model._mix(mlp_tail(model.global_prior, fl.out("prior_g", p_hg), c)), dt)
                 ig = ids(z_g)
                 p_zg = proj("z_g", z_g, ig)
-            z_a = model._sample(model._mix(mlp_tail(model.agent_prior, fl.out("prior_a", p_ha, p_zg, p_hg), c)), draw, dt)
+            z_a = model.imagine_draw(model._mix(mlp_tail(model.agent_prior, fl.out("prior_a", p_ha, p_zg, p_hg), c)), dt)
             ia = ids(z_a)
             if t < horizon - 1:
                 p_za = proj("z_a", z_a, ia)

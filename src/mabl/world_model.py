@@ -356,6 +356,15 @@ class BiLevelWorldModel(nn.Module):
         """Whether imagination samples the prior latents (``cfg.imagine_latent="sample"``) or takes their mode."""
         return self.cfg.imagine_latent == "sample"
 
+    def imagine_draw(self, logits: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A prior latent for imagination from ``logits`` (unimix already applied): a sample of
+        softmax(logits / ``cfg.imagine_temperature``), or with ``cfg.imagine_latent="mode"`` each
+        categorical's most likely class."""
+        if not self.imagine_sample:
+            return self._sample(logits, False, dtype)
+        t = self.cfg.imagine_temperature
+        return self._sample(logits if t == 1.0 else logits / t, True, dtype)
+
     def _sample(self, logits: torch.Tensor, sample: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.speed.fast_sampling:
             out = dtype or logits.dtype
@@ -370,15 +379,14 @@ class BiLevelWorldModel(nn.Module):
     # -- prior step (imagination) -----------------------------------------------------------
     def imagine_step(self, st: LatentState, action: torch.Tensor) -> LatentState:
         """One transition of the priors (§3.1 'Transition Model') under agents' actions ``[..., N, A]``
-        (latents drawn as ``cfg.imagine_latent`` says: sampled, or each categorical's mode)."""
-        draw = self.imagine_sample
+        (latents drawn by :meth:`imagine_draw`: sampled, at ``cfg.imagine_temperature``, or each categorical's mode)."""
         h_a = self.agent_gru(F.relu(self.agent_in(st.z_a, action)), st.h_a)
         if not self.bilevel:
-            z_a = self._sample(self._agent_prior(h_a), draw)
+            z_a = self.imagine_draw(self._agent_prior(h_a))
             return LatentState(h_a, z_a)
         h_g = self.global_gru(F.relu(self.global_in(st.z_g, self.joint_action(action))), st.h_g)
-        z_g = self._sample(self._mix(self.global_prior(h_g)), draw)
-        z_a = self._sample(self._agent_prior(h_a, self._expand_g(z_g), self._expand_g(h_g)), draw)
+        z_g = self.imagine_draw(self._mix(self.global_prior(h_g)))
+        z_a = self.imagine_draw(self._agent_prior(h_a, self._expand_g(z_g), self._expand_g(h_g)))
         return LatentState(h_a, z_a, h_g, z_g)
 
     # -- heads ------------------------------------------------------------------------------
