@@ -24,8 +24,9 @@ of ``benchmarks/smax_scripted.py`` acting on the observations the model decodes 
 agent states (``obs_decoder(z^a, h^a)``) and on its predicted action availability. A model that
 ranks the scripted ``weakest_sync`` rule below the actor while the environment ranks it above
 shows where the learner's ceiling comes from: behaviour the data never contains is predicted poorly.
-``--imagine-latent sample mode`` repeats the imagined and replayed columns for each way imagination
-draws the prior latents (``model.imagine_latent``; default: the checkpoint's own). Prints a table and,
+``--imagine-latent sample mode 0.5`` repeats the imagined and replayed columns for each way imagination
+draws the prior latents (``model.imagine_latent``, a number = sampled at that ``model.imagine_temperature``;
+default: the checkpoint's own). Prints a table and,
 last, one JSON line; ``--name`` also writes the table as a BENCHMARKS.md section.
 """
 from __future__ import annotations
@@ -134,6 +135,26 @@ def markdown_rows(result: dict[str, dict[str, float]], cols) -> list[str]:
             for name, row in result.items()]
 
 
+def draw_kind(text: str) -> str | float:
+    """``--imagine-latent`` value: "sample", "mode", or a sampling temperature > 0."""
+    if text in ("sample", "mode"):
+        return text
+    try:
+        t = float(text)
+    except ValueError:
+        t = None
+    if t is None or not t > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}; accepted: sample, mode, or a temperature > 0")
+    return t
+
+
+def draw_config(model_cfg, draw: str | float):
+    """``model_cfg`` drawing imagination's prior latents as ``draw`` (:func:`draw_kind`) says."""
+    if isinstance(draw, str):
+        return dataclasses.replace(model_cfg, imagine_latent=draw, imagine_temperature=1.0)
+    return dataclasses.replace(model_cfg, imagine_latent="sample", imagine_temperature=draw)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint file or run directory (newest checkpoint)")
@@ -141,14 +162,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=FINAL_SEED)
     p.add_argument("--horizon", type=int, default=25, help="imagined steps (cover the whole episode)")
     p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--imagine-latent", nargs="+", choices=("sample", "mode"),
-                   help="how imagination draws the prior latents, one set of columns each (default: the checkpoint's)")
+    p.add_argument("--imagine-latent", nargs="+", type=draw_kind, metavar="{sample,mode,T}",
+                   help="how imagination draws the prior latents, one set of columns each: sample (at temperature 1), "
+                        "mode, or a temperature T > 0 to sample at (default: the checkpoint's)")
     p.add_argument("--name", help="also write the table as this BENCHMARKS.md section")
     args = p.parse_args(argv)
     t0 = time.time()
     cfg, learner, _ = load_for_eval(args.checkpoint)
     learner.model.eval()
-    draws = args.imagine_latent or [cfg.model.imagine_latent]
+    draws = args.imagine_latent or [cfg.model.imagine_latent if cfg.model.imagine_latent == "mode" or cfg.model.imagine_temperature == 1.0
+                                    else cfg.model.imagine_temperature]
     torch.manual_seed(args.seed)
     env = make_env(cfg.run.env, seed=0, **cfg.run.env_options)
     if not env.spec.discrete:
@@ -192,8 +215,8 @@ def main(argv=None) -> int:
     for name, (imag, real, episodes) in policies.items():
         rows[name] = dict(real=real, posterior=posterior_returns(learner, episodes))
         for draw in draws:
-            learner.model.cfg = dataclasses.replace(cfg.model, imagine_latent=draw)
-            tag = "" if len(draws) == 1 else f" ({draw})"
+            learner.model.cfg = draw_config(cfg.model, draw)
+            tag = "" if len(draws) == 1 else f" ({draw if isinstance(draw, str) else f'T={draw:g}'})"
             rows[name]["imagined" + tag] = imagined_returns(learner, f_obs, f_state, f_avail, imag, args.horizon,
                                                             args.repeats, stop)
             rows[name]["replayed" + tag] = imagined_returns(learner, f_obs, f_state, f_avail, open_loop(episodes, stop or 0),

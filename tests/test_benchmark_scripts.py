@@ -122,12 +122,18 @@ def test_scripted_benchmark_and_imagined_vs_real(tmp_path, capsys, monkeypatch):
     # both ways of drawing imagination's latents, one set of columns each, written as a section
     monkeypatch.setattr(ivr, "write_section", lambda name, body: (tmp_path / "section.md").write_text(name + "\n" + body))
     assert ivr.main([str(run), "--episodes", "3", "--horizon", "4", "--repeats", "2", "--imagine-latent", "sample", "mode",
-                     "--name", "diagnosis:test"]) == 0
+                     "0.5", "--name", "diagnosis:test"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["policies"]
     for row in res.values():
-        assert np.isfinite([row[f"{c} ({d})"] for c in ("imagined", "replayed") for d in ("sample", "mode")]).all()
+        assert np.isfinite([row[f"{c} ({d})"] for c in ("imagined", "replayed") for d in ("sample", "mode", "T=0.5")]).all()
     text = (tmp_path / "section.md").read_text()
-    assert text.startswith("diagnosis:test") and "replayed (mode)" in text and "--imagine-latent sample mode" in text
+    assert text.startswith("diagnosis:test") and "replayed (mode)" in text and "--imagine-latent sample mode 0.5" in text
+    # a draw is applied as the config it names; a bad one is a one-line error naming what is accepted
+    c = ivr.draw_config(make_config("tiny", "smax:3m", {}).model, 0.25)
+    assert (c.imagine_latent, c.imagine_temperature) == ("sample", 0.25)
+    with pytest.raises(SystemExit):
+        ivr.main([str(run), "--imagine-latent", "argmax"])
+    assert "'argmax'; accepted: sample, mode, or a temperature > 0" in capsys.readouterr().err
 
 
 def test_reward_by_agent_splits_alive_and_dead_agents(tmp_path, capsys, monkeypatch):
