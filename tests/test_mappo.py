@@ -650,3 +650,31 @@ def test_self_imitation_with_continuous_actions():
     assert sil.avail is None and torch.allclose(torch.tanh(sil.raw), act[1:].flatten(0, 1), atol=1e-5)
     stats = algo.train_round(model, model.initial((4,)), contextlib.nullcontext, real=(post, batch))
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()) and "sil_gap" in stats
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_disagreement_penalty_lowers_imagined_rewards_by_the_ensemble_variance(fast):
+    """``ppo.disagreement`` (extension): a round's imagined rewards are r - coef * u, u the model's ensemble
+    variance on each imagined state and action; the round trains on both critic paths and reports u."""
+    from mabl.fast import Speed
+
+    cfg = make_config("tiny", "smax:3m", {"ppo": {"disagreement": 2.0}, "model": {"ensemble": 3}})
+    torch.manual_seed(0)
+    model = BiLevelWorldModel(SPEC, cfg.model)
+    if fast:
+        model.speed = Speed(fast_critic=True, fused_heads=True)
+    algo = MAPPO(SPEC, model, cfg.ppo)
+    start = model.initial((7,))
+    start.z_a.copy_(torch.nn.functional.one_hot(torch.randint(0, 4, (7, 3, 4)), 4).flatten(-2).float())
+    traj = imagine(model, algo.actor, start, horizon=5)
+    pen = algo._pessimism(model, traj)
+    u = model.disagreement(traj.feat_a[:-1], traj.feat_g[:-1], algo.actor.env_to_model_action(traj.raw))
+    assert u.shape == traj.reward.shape and (u > 0).all()
+    assert torch.allclose(pen.reward, traj.reward - 2.0 * u)
+    assert torch.equal(pen.raw, traj.raw) and torch.equal(pen.cont, traj.cont)
+    assert algo.last_disagreement == pytest.approx(float(u.mean()))
+    stats = algo.train_round(model, start, contextlib.nullcontext)
+    assert stats["disagreement"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    # off (the paper): the trajectory is returned as it is
+    algo0 = MAPPO(SPEC, model, dataclasses.replace(cfg.ppo, disagreement=0.0))
+    assert algo0._pessimism(model, traj) is traj and "disagreement" not in algo0.train_round(model, start, contextlib.nullcontext)

@@ -37,6 +37,7 @@ PRIOR_H_G = [dict(agent_prior_input="zhat_g+h_g"), dict(agent_prior_input="zhat_
 IMAGINE_MODE = [dict(imagine_latent="mode", agent_prior_input="zhat_g+h_g", unimix=0.01),
                 dict(imagine_latent="mode", bilevel=False),  # the extension model.imagine_latent
                 dict(imagine_temperature=0.5, agent_prior_input="zhat_g+h_g", unimix=0.01)]  # and model.imagine_temperature
+ENSEMBLE = [dict(ensemble=3, prior_heads=0.5), dict(ensemble=2, bilevel=False)]  # the extension model.ensemble
 
 
 @pytest.fixture(autouse=True)
@@ -89,9 +90,10 @@ def _max_rel(a_list, b_list):
 # ------------------------------------------------------------------------------------------
 # (a) fused paths == plain paths in fp32
 
-@pytest.mark.parametrize("variant", VARIANTS + UNIMIX + PRIOR_HEADS + PRIOR_H_G,
+@pytest.mark.parametrize("variant", VARIANTS + UNIMIX + PRIOR_HEADS + PRIOR_H_G + ENSEMBLE,
                          ids=["bilevel", "no-global", "single-global", "unimix", "unimix-single-global", "prior-heads",
-                              "prior-heads-single-global", "prior-heads-no-global", "prior-h_g", "prior-h_g-single-global"])
+                              "prior-heads-single-global", "prior-heads-no-global", "prior-h_g", "prior-h_g-single-global",
+                              "ensemble", "ensemble-no-global"])
 @pytest.mark.parametrize("flags", [dict(fused_recurrence=True), dict(fused_heads=True), dict(fused_kl=True),
                                    dict(fused_recurrence=True, fused_heads=True, fused_kl=True),
                                    dict(fused_recurrence=True, fused_heads=True, fused_kl=True, gather_onehot=True)],

@@ -348,6 +348,48 @@ def test_imagine_temperature_samples_softmax_of_logits_over_temperature():
             tiny(imagine_temperature=bad)
 
 
+@pytest.mark.parametrize("variant", [dict(), dict(bilevel=False)], ids=["bilevel", "no-global"])
+def test_ensemble_learns_the_next_agent_latent_and_its_disagreement(variant):
+    """``model.ensemble`` (extension): one loss term, by hand: every member's squared error on z^a_{t+1}
+    (one-hot) from the detached (z^a_t, h^a_t[, z^g_t, h^g_t]) and a^i_t, within episodes; its gradient reaches
+    only the ensemble. :meth:`disagreement` is the members' variance (zero when they are identical)."""
+    b = batch()
+    b["is_first"][3, 1] = True  # a reset inside one sequence: that transition is not a target
+    torch.manual_seed(0)
+    m = BiLevelWorldModel(SPEC, tiny(ensemble=3, **variant).model)
+    total, terms, post = m.loss(b)
+    fa, fg = m.features(post)
+    x = torch.cat([fa[:-1]] + ([] if fg is None else [fg[:-1]]) + [b["prev_action"][1:]], -1)
+    errs = []
+    for k in range(3):
+        pred = torch.relu(x @ m.ensemble.w1[k] + m.ensemble.b1[k]) @ m.ensemble.w2[k] + m.ensemble.b2[k]
+        errs.append((pred - post.z_a[1:]).pow(2).sum(-1) / m.n_cat)
+    valid = ~b["is_first"][1:]
+    want = torch.stack(errs)[:, valid].mean()
+    assert torch.allclose(terms["ensemble"], want, rtol=1e-5)
+    m.zero_grad()
+    term = m._ensemble_terms(b, m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])[0])["ensemble"]
+    term.backward()
+    assert m.ensemble.w1.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for n, p in m.named_parameters() if not n.startswith("ensemble."))
+    # disagreement: shape [..., N], positive for independent members, zero for identical ones
+    u = m.disagreement(fa[:-1], None if fg is None else fg[:-1], b["prev_action"][1:])
+    assert u.shape == (fa.shape[0] - 1, *fa.shape[1:-1])  # [T-1, B, N]
+    assert (u > 0).all()
+    with torch.no_grad():
+        for w in (m.ensemble.w1, m.ensemble.b1, m.ensemble.w2, m.ensemble.b2):
+            w[1:] = w[0]
+    assert m.disagreement(fa[:-1], None if fg is None else fg[:-1], b["prev_action"][1:]).abs().max() < 1e-10
+    assert "ensemble" not in BiLevelWorldModel(SPEC, tiny(**variant).model).loss(b)[1]
+
+
+def test_disagreement_needs_an_ensemble():
+    with pytest.raises(ConfigError, match="ppo.disagreement=0.5 needs model.ensemble >= 2"):
+        make_config("tiny", "smax:3m", {"ppo": {"disagreement": 0.5}, "model": {"ensemble": 1}})
+    with pytest.raises(ConfigError, match="model.ensemble must be >= 0"):
+        tiny(ensemble=-1)
+
+
 def test_prior_heads_train_the_heads_on_one_step_prior_samples():
     """``model.prior_heads`` (extension): two extra terms, the reward and termination losses of the heads on
     (ẑ^a ~ p(ẑ^a | h^a, ẑ^g), h^a, ẑ^g, h^g) with the posterior rollout's h and the ẑ^g the agent prior was

@@ -93,6 +93,12 @@ class WorldModelConfig:
     # trained worse (held-out 50k seeds 0/1: 0.64/0.72 against 0.78/0.77 at T=1): the colder the imagination,
     # the more the actor over-rates itself in it ("diagnosis:smax:3m:imagine_latent:t05_s0_50k").
     imagine_temperature: float = 1.0
+    # Extension, not in the paper (0 = the paper): an ensemble of this many one-step predictors (one hidden
+    # layer of width `hidden` each), trained alongside the model to predict agent i's next posterior latent
+    # z^a_{t+1} from its detached features (z^a_t, h^a_t, z^g_t, h^g_t) and action a^i_t (MSE on the one-hot;
+    # Plan2Explore's and MOPO's ensembles). Where the members disagree the data says little: with
+    # ppo.disagreement > 0, imagination's reward is lowered by that much times the members' variance.
+    ensemble: int = 0
 
 
 @dataclass
@@ -170,6 +176,10 @@ class PPOConfig:
     # "being alive is worth V" at s_H rewards imagined survival (e.g. fleeing in SMAX) over reward.
     bootstrap: bool = True
     team_reward: bool = True  # average the per-agent predicted rewards into one team reward
+    # Extension, not in the paper (0 = the paper): pessimism where the world model is unsure. Each imagined
+    # step's predicted reward of agent i becomes r - disagreement * u, u the variance across the members of
+    # model.ensemble (needs >= 2) of their predictions of z^a_{t+1}, averaged over its 32x32 entries.
+    disagreement: float = 0.0
     imagine_batch: int = 40  # sequences drawn from the buffer for one imagination round
     imagine_seq_len: int = 20
 
@@ -394,12 +404,12 @@ _POSITIVE_FLOAT = {
     "model": ("lr", "grad_clip", "imagine_temperature"),
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip", "return_range_floor"),
 }
-_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads"), "ppo": ("entropy", "entropy_target", "entropy_target_lr", "counterfactual_samples",
+_NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads", "ensemble"), "ppo": ("disagreement", "entropy", "entropy_target", "entropy_target_lr", "counterfactual_samples",
                                                                                     "self_imitation", "self_imitation_value"), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
 _AT_MOST = {
     ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,
-    ("model", "n_categoricals"): 4096, ("model", "n_classes"): 4096, ("model", "capacity"): 100_000_000,
+    ("model", "n_categoricals"): 4096, ("model", "n_classes"): 4096, ("model", "capacity"): 100_000_000, ("model", "ensemble"): 64,
     ("ppo", "hidden"): 65_536, ("ppo", "layers"): 64, ("ppo", "attention_heads"): 1024,
     ("run", "threads"): 4096, ("run", "seed"): 2**32 - 1,
 }
@@ -432,6 +442,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key {sec}.{key} must be at most {hi}, got {val!r}")
     if cfg.run.seed < 0:
         raise ConfigError(f"config key run.seed must be >= 0, got {cfg.run.seed!r}")
+    if cfg.ppo.disagreement > 0 and cfg.model.ensemble < 2:
+        raise ConfigError(f"config key ppo.disagreement={cfg.ppo.disagreement!r} needs model.ensemble >= 2 (the variance "
+                          f"across its members), got model.ensemble={cfg.model.ensemble!r}")
     if cfg.ppo.entropy_target > 0 and cfg.ppo.entropy == 0:
         raise ConfigError("config key ppo.entropy must be > 0 when ppo.entropy_target is set (it is the controller's starting and smallest coefficient)")
     if not 0.0 < cfg.ppo.entropy_annealing <= 1.0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -490,7 +490,7 @@ class MAPPO(nn.Module):
         cfg = self.cfg
         t0 = time.perf_counter()
         with autocast():
-            traj = imagine(model, self.actor, starts, cfg.horizon, cfg.imagine_explore)
+            traj = self._pessimism(model, imagine(model, self.actor, starts, cfg.horizon, cfg.imagine_explore))
         sync(traj.feat_a.device)
         self.timings = {"imagine_s": time.perf_counter() - t0}
         with autocast():
@@ -529,6 +529,19 @@ class MAPPO(nn.Module):
                 self._self_imitation_step(sil, autocast, guard, stats)
         return self._round_stats(stats, traj, values, ret, baseline)
 
+    def _pessimism(self, model: BiLevelWorldModel, traj: Imagined) -> Imagined:
+        """``ppo.disagreement`` (extension): each imagined reward r_t of agent i lowered by
+        ``disagreement`` times the variance u_t of the model's ensemble (``model.ensemble``) predicting
+        z^a_{t+1} from the imagined state t and the action taken there (:meth:`BiLevelWorldModel.disagreement`).
+        Unchanged when it is 0. (The one-step branches of ``ppo.counterfactual_samples`` are not penalized.)"""
+        self.last_disagreement = None
+        if self.cfg.disagreement <= 0:
+            return traj
+        fg = None if traj.feat_g is None else traj.feat_g[:-1]
+        u = model.disagreement(traj.feat_a[:-1], fg, self.actor.env_to_model_action(traj.raw))  # [H, M, N]
+        self.last_disagreement = float(u.mean())
+        return replace(traj, reward=traj.reward - self.cfg.disagreement * u)
+
     def _round_stats(self, stats: dict, traj: Imagined, values: torch.Tensor, ret: torch.Tensor,
                      baseline: torch.Tensor | None) -> dict[str, float]:
         """A round's metrics: the minibatch means in ``stats`` (summed, with their count ``n``) and the
@@ -540,6 +553,8 @@ class MAPPO(nn.Module):
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
         if self.return_range is not None:
             out["return_range"] = self.return_range
+        if getattr(self, "last_disagreement", None) is not None:  # ppo.disagreement: mean ensemble variance
+            out["disagreement"] = self.last_disagreement
         if baseline is not None:  # how far the counterfactual baselines sit from the state values
             out["cf_gap"] = float((baseline - values[:-1]).abs().mean())
         return out
@@ -602,7 +617,7 @@ class MAPPO(nn.Module):
         dt = sp.dtype
         t0 = time.perf_counter()
         with autocast():
-            traj = imagine(model, self.actor, starts, cfg.horizon, cfg.imagine_explore)
+            traj = self._pessimism(model, imagine(model, self.actor, starts, cfg.horizon, cfg.imagine_explore))
         sync(traj.feat_a.device)
         self.timings = {"imagine_s": time.perf_counter() - t0}
         fa = traj.feat_a.to(dt)

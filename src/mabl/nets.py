@@ -85,3 +85,28 @@ def sample_onehot(logits: torch.Tensor, straight_through: bool = True) -> torch.
 
 def mode_onehot(logits: torch.Tensor) -> torch.Tensor:
     return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+
+
+class Ensemble(nn.Module):
+    """``members`` independent one-hidden-layer ReLU MLPs ``in_dim -> hidden -> out_dim`` evaluated
+    together (stacked weights, one batched matmul per layer). ``forward(x [..., in_dim])`` returns
+    ``[members, ..., out_dim]``. Each member is initialized as ``nn.Linear`` layers are
+    (uniform in ±1/sqrt(fan_in)), independently, so they disagree where they have not been trained."""
+
+    def __init__(self, members: int, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.members = members
+        b1, b2 = in_dim ** -0.5, hidden ** -0.5
+        self.w1 = nn.Parameter(torch.empty(members, in_dim, hidden).uniform_(-b1, b1))
+        self.b1 = nn.Parameter(torch.empty(members, 1, hidden).uniform_(-b1, b1))
+        self.w2 = nn.Parameter(torch.empty(members, hidden, out_dim).uniform_(-b2, b2))
+        self.b2 = nn.Parameter(torch.empty(members, 1, out_dim).uniform_(-b2, b2))
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Every member on ``x``, matmuls in ``dtype`` (e.g. bf16 where it is fast), the output in fp32."""
+        lead = x.shape[:-1]
+        c = lambda t: t.to(dtype)  # noqa: E731
+        flat = c(x.reshape(1, -1, x.shape[-1]))
+        hid = F.relu(torch.baddbmm(c(self.b1), flat.expand(self.members, -1, -1), c(self.w1)))
+        out = torch.baddbmm(c(self.b2), hid, c(self.w2)).float()
+        return out.reshape(self.members, *lead, out.shape[-1])

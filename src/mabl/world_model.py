@@ -33,7 +33,7 @@ from mabl.config import WorldModelConfig
 from mabl.envs.base import EnvSpec
 from mabl.fast import (PLAIN, FusedLinears, LoopLinear, Speed, kl_balanced_fused, mlp_forward, mlp_tail, mode_flat, no_autocast,
                        onehot_indices, onehot_linear, onehot_weight, sample_st)
-from mabl.nets import GRUCell, SplitLinear, gru_update, mlp, sample_onehot
+from mabl.nets import Ensemble, GRUCell, SplitLinear, gru_update, mlp, sample_onehot
 
 
 @dataclass
@@ -200,6 +200,10 @@ class BiLevelWorldModel(nn.Module):
             first = self.agent_prior[0]
             first.parts.append(nn.Linear(D, H, bias=False))
             first.in_dims.append(D)
+        # extension (WorldModelConfig.ensemble): one-step predictors of z^a_{t+1} whose disagreement
+        # ppo.disagreement subtracts from imagined rewards; built last (every other module's initial
+        # weights are the same with it or without it)
+        self.ensemble = Ensemble(cfg.ensemble, both + a, H, S) if cfg.ensemble > 0 else None
 
     # -- carries ---------------------------------------------------------------------------
     @property
@@ -335,6 +339,33 @@ class BiLevelWorldModel(nn.Module):
         return {"reward_prior": w * self._reward_loss(reward, batch["reward"]),
                 "cont_prior": w * F.binary_cross_entropy_with_logits(cont.float(), cont_target).mean()}
 
+    def _ensemble_in(self, fa: torch.Tensor, fg: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
+        parts = [fa] if fg is None else [fa, fg]
+        return torch.cat([x.float() for x in parts + [action]], -1).detach()
+
+    def _ensemble_terms(self, batch, post: LatentState) -> dict[str, torch.Tensor]:
+        """``cfg.ensemble`` (extension): every member's squared error predicting agent i's next posterior
+        latent z^a_{t+1} (one-hot) from the detached (z^a_t, h^a_t, z^g_t, h^g_t) and a^i_t (the next step's
+        ``prev_action``), within an episode, summed over each categorical's classes and averaged over the
+        categoricals, members, steps and agents. Only the ensemble learns from it. Its matmuls run in the
+        speed dtype (bf16 with ``run.bf16``)."""
+        fa, fg = self.features(post)
+        x = self._ensemble_in(fa[:-1], None if fg is None else fg[:-1], batch["prev_action"][1:])
+        target = post.z_a[1:].detach().float()
+        err = (self.ensemble(x, self.speed.dtype) - target).pow(2).sum(-1) / self.n_cat  # [K, T-1, B, N]
+        valid = (1.0 - batch["is_first"][1:].float()).unsqueeze(-1).expand(err.shape[1:])
+        return {"ensemble": (err * valid).sum() / (valid.sum() * err.shape[0]).clamp(min=1.0)}
+
+    @torch.no_grad()
+    def disagreement(self, fa: torch.Tensor, fg: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
+        """``[..., N]``: the variance across the ensemble's members of their predictions of z^a_{t+1} from
+        features ``fa``, ``fg`` and model-format actions ``action [..., N, A]``, summed over each categorical's
+        classes and averaged over the categoricals (the scale of the training error of :meth:`_ensemble_terms`)."""
+        if self.ensemble is None:
+            raise ValueError("disagreement needs model.ensemble >= 2")
+        pred = self.ensemble(self._ensemble_in(fa, fg, action), self.speed.dtype)
+        return pred.var(0, unbiased=False).sum(-1) / self.n_cat
+
     def _mix(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits of a latent distribution as used everywhere: with ``cfg.unimix`` those of the uniform
         mixture (:func:`unimix_logits`), else ``logits`` itself."""
@@ -440,6 +471,8 @@ class BiLevelWorldModel(nn.Module):
         terms["action"] = (ce * valid).sum() / (valid.sum() * self.spec.n_agents).clamp(min=1.0)
         if cfg.prior_heads > 0:
             terms.update(self._prior_head_terms(batch, post, logits, torch.float32))
+        if self.ensemble is not None:
+            terms.update(self._ensemble_terms(batch, post))
         total = sum(terms.values())
         metrics = {k: v.detach() for k, v in terms.items()}
         with torch.no_grad():
@@ -718,8 +751,10 @@ class BiLevelWorldModel(nn.Module):
             terms["action"] = (ce * valid).sum() / (valid.sum() * self.spec.n_agents).clamp(min=1.0)
             if cfg.prior_heads > 0:
                 terms.update(self._prior_head_terms(batch, post, logits, dt))
+            if self.ensemble is not None:
+                terms.update(self._ensemble_terms(batch, post))
             # same order of terms as the plain path
-            order = ["obs", "state", "kl_a", "kl_g", "reward", "cont", "avail", "action", "reward_prior", "cont_prior"]
+            order = ["obs", "state", "kl_a", "kl_g", "reward", "cont", "avail", "action", "reward_prior", "cont_prior", "ensemble"]
             terms = {k: terms[k] for k in order if k in terms}
             total = sum(terms.values())
         metrics = {k: v.detach() for k, v in terms.items()}
