@@ -178,7 +178,8 @@ class PPOConfig:
     team_reward: bool = True  # average the per-agent predicted rewards into one team reward
     # Extension, not in the paper (0 = the paper): pessimism where the world model is unsure. Each imagined
     # step's predicted reward of agent i becomes r - disagreement * u, u the variance across the members of
-    # model.ensemble (needs >= 2) of their predictions of z^a_{t+1}, averaged over its 32x32 entries.
+    # model.ensemble (needs >= 2) of their predictions of z^a_{t+1}, summed over each categorical's classes and
+    # averaged over the categoricals (the scale of the ensemble's own training error, "model/ensemble").
     disagreement: float = 0.0
     imagine_batch: int = 40  # sequences drawn from the buffer for one imagination round
     imagine_seq_len: int = 20

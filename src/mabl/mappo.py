@@ -442,6 +442,7 @@ class MAPPO(nn.Module):
             raise ConfigError(f"config key ppo.imagine_explore needs discrete actions; {spec.name} has continuous ones (use 0)")
         self.actor = Actor(model.feat_a, spec.action_dim, cfg.hidden, cfg.layers, spec.discrete, spec.action_dim_mask())
         self.critic_input = cfg.critic_input if model.bilevel else "agent"
+        self.last_disagreement: float | None = None  # ppo.disagreement: the last round's mean ensemble variance
         cin = {"global+agent": model.feat_a + model.feat_g, "global": model.feat_g, "agent": model.feat_a}[self.critic_input]
         self.critic = AttentionCritic(cin, cfg.hidden, cfg.layers, cfg.attention_heads)
         fused = getattr(model, "speed", PLAIN).fused_adam
@@ -553,7 +554,7 @@ class MAPPO(nn.Module):
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
         if self.return_range is not None:
             out["return_range"] = self.return_range
-        if getattr(self, "last_disagreement", None) is not None:  # ppo.disagreement: mean ensemble variance
+        if self.last_disagreement is not None:  # ppo.disagreement: the round's mean ensemble variance
             out["disagreement"] = self.last_disagreement
         if baseline is not None:  # how far the counterfactual baselines sit from the state values
             out["cf_gap"] = float((baseline - values[:-1]).abs().mean())
