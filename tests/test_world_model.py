@@ -350,8 +350,8 @@ def test_imagine_temperature_samples_softmax_of_logits_over_temperature():
 
 @pytest.mark.parametrize("variant", [dict(), dict(bilevel=False)], ids=["bilevel", "no-global"])
 def test_ensemble_learns_the_next_agent_latent_and_its_disagreement(variant):
-    """``model.ensemble`` (extension): one loss term, by hand: every member's squared error on z^a_{t+1}
-    (one-hot) from the detached (z^a_t, h^a_t[, z^g_t, h^g_t]) and a^i_t, within episodes; its gradient reaches
+    """``model.ensemble`` (extension): one loss term, by hand: every member's squared error on q(z^a_{t+1})
+    (the posterior's class probabilities, recomputed from h^a and o^i) from the detached (z^a_t, h^a_t[, z^g_t, h^g_t]) and a^i_t, within episodes; its gradient reaches
     only the ensemble. :meth:`disagreement` is the members' variance (zero when they are identical)."""
     b = batch()
     b["is_first"][3, 1] = True  # a reset inside one sequence: that transition is not a target
@@ -363,12 +363,13 @@ def test_ensemble_learns_the_next_agent_latent_and_its_disagreement(variant):
     errs = []
     for k in range(3):
         pred = torch.relu(x @ m.ensemble.w1[k] + m.ensemble.b1[k]) @ m.ensemble.w2[k] + m.ensemble.b2[k]
-        errs.append((pred - post.z_a[1:]).pow(2).sum(-1) / m.n_cat)
+        probs = torch.softmax(m._mix(m.agent_post[2](torch.relu(m.agent_post[0](post.h_a, m.obs_encoder(m.norm_obs(b["obs"])))))).unflatten(-1, (m.n_cat, -1)), -1)
+        errs.append((pred - probs[1:].flatten(-2)).pow(2).sum(-1) / m.n_cat)
     valid = ~b["is_first"][1:]
     want = torch.stack(errs)[:, valid].mean()
     assert torch.allclose(terms["ensemble"], want, rtol=1e-5)
     m.zero_grad()
-    term = m._ensemble_terms(b, m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])[0])["ensemble"]
+    term = m._ensemble_terms(b, *m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])[:2])["ensemble"]
     term.backward()
     assert m.ensemble.w1.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for n, p in m.named_parameters() if not n.startswith("ensemble."))

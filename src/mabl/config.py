@@ -94,9 +94,9 @@ class WorldModelConfig:
     # the more the actor over-rates itself in it ("diagnosis:smax:3m:imagine_latent:t05_s0_50k").
     imagine_temperature: float = 1.0
     # Extension, not in the paper (0 = the paper): an ensemble of this many one-step predictors (one hidden
-    # layer of width `hidden` each), trained alongside the model to predict agent i's next posterior latent
-    # z^a_{t+1} from its detached features (z^a_t, h^a_t, z^g_t, h^g_t) and action a^i_t (MSE on the one-hot;
-    # Plan2Explore's and MOPO's ensembles). Where the members disagree the data says little: with
+    # layer of width `hidden` each), trained alongside the model to predict agent i's next posterior
+    # q(z^a_{t+1}) (its class probabilities) from its detached features (z^a_t, h^a_t, z^g_t, h^g_t) and action
+    # a^i_t (MSE; the ensembles of Plan2Explore and MOPO). Where the members disagree the data says little: with
     # ppo.disagreement > 0, imagination's reward is lowered by that much times the members' variance.
     ensemble: int = 0
 
@@ -178,7 +178,7 @@ class PPOConfig:
     team_reward: bool = True  # average the per-agent predicted rewards into one team reward
     # Extension, not in the paper (0 = the paper): pessimism where the world model is unsure. Each imagined
     # step's predicted reward of agent i becomes r - disagreement * u, u the variance across the members of
-    # model.ensemble (needs >= 2) of their predictions of z^a_{t+1}, summed over each categorical's classes and
+    # model.ensemble (needs >= 2) of their predictions of q(z^a_{t+1}), summed over each categorical's classes and
     # averaged over the categoricals (the scale of the ensemble's own training error, "model/ensemble").
     disagreement: float = 0.0
     imagine_batch: int = 40  # sequences drawn from the buffer for one imagination round

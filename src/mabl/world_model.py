@@ -200,7 +200,7 @@ class BiLevelWorldModel(nn.Module):
             first = self.agent_prior[0]
             first.parts.append(nn.Linear(D, H, bias=False))
             first.in_dims.append(D)
-        # extension (WorldModelConfig.ensemble): one-step predictors of z^a_{t+1} whose disagreement
+        # extension (WorldModelConfig.ensemble): one-step predictors of q(z^a_{t+1}) whose disagreement
         # ppo.disagreement subtracts from imagined rewards; built last (every other module's initial
         # weights are the same with it or without it)
         self.ensemble = Ensemble(cfg.ensemble, both + a, H, S) if cfg.ensemble > 0 else None
@@ -343,22 +343,23 @@ class BiLevelWorldModel(nn.Module):
         parts = [fa] if fg is None else [fa, fg]
         return torch.cat([x.float() for x in parts + [action]], -1).detach()
 
-    def _ensemble_terms(self, batch, post: LatentState) -> dict[str, torch.Tensor]:
+    def _ensemble_terms(self, batch, post: LatentState, logits) -> dict[str, torch.Tensor]:
         """``cfg.ensemble`` (extension): every member's squared error predicting agent i's next posterior
-        latent z^a_{t+1} (one-hot) from the detached (z^a_t, h^a_t, z^g_t, h^g_t) and a^i_t (the next step's
-        ``prev_action``), within an episode, summed over each categorical's classes and averaged over the
-        categoricals, members, steps and agents. Only the ensemble learns from it. Its matmuls run in the
-        speed dtype (bf16 with ``run.bf16``)."""
+        q(z^a_{t+1} | ...) (its class probabilities, not a sample of it: less noise to fit) from the detached
+        (z^a_t, h^a_t, z^g_t, h^g_t) and a^i_t (the next step's ``prev_action``), within an episode, summed over
+        each categorical's classes and averaged over the categoricals, members, steps and agents. Only the
+        ensemble learns from it. Its matmuls run in the speed dtype (bf16 with ``run.bf16``)."""
         fa, fg = self.features(post)
         x = self._ensemble_in(fa[:-1], None if fg is None else fg[:-1], batch["prev_action"][1:])
-        target = post.z_a[1:].detach().float()
+        post_a = logits["post_a"][1:].detach().float()
+        target = post_a.unflatten(-1, (self.n_cat, -1)).softmax(-1).flatten(-2)
         err = (self.ensemble(x, self.speed.dtype) - target).pow(2).sum(-1) / self.n_cat  # [K, T-1, B, N]
         valid = (1.0 - batch["is_first"][1:].float()).unsqueeze(-1).expand(err.shape[1:])
         return {"ensemble": (err * valid).sum() / (valid.sum() * err.shape[0]).clamp(min=1.0)}
 
     @torch.no_grad()
     def disagreement(self, fa: torch.Tensor, fg: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
-        """``[..., N]``: the variance across the ensemble's members of their predictions of z^a_{t+1} from
+        """``[..., N]``: the variance across the ensemble's members of their predictions of q(z^a_{t+1}) from
         features ``fa``, ``fg`` and model-format actions ``action [..., N, A]``, summed over each categorical's
         classes and averaged over the categoricals (the scale of the training error of :meth:`_ensemble_terms`)."""
         if self.ensemble is None:
@@ -472,7 +473,7 @@ class BiLevelWorldModel(nn.Module):
         if cfg.prior_heads > 0:
             terms.update(self._prior_head_terms(batch, post, logits, torch.float32))
         if self.ensemble is not None:
-            terms.update(self._ensemble_terms(batch, post))
+            terms.update(self._ensemble_terms(batch, post, logits))
         total = sum(terms.values())
         metrics = {k: v.detach() for k, v in terms.items()}
         with torch.no_grad():
@@ -752,7 +753,7 @@ class BiLevelWorldModel(nn.Module):
             if cfg.prior_heads > 0:
                 terms.update(self._prior_head_terms(batch, post, logits, dt))
             if self.ensemble is not None:
-                terms.update(self._ensemble_terms(batch, post))
+                terms.update(self._ensemble_terms(batch, post, logits))
             # same order of terms as the plain path
             order = ["obs", "state", "kl_a", "kl_g", "reward", "cont", "avail", "action", "reward_prior", "cont_prior", "ensemble"]
             terms = {k: terms[k] for k in order if k in terms}
