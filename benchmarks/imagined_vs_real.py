@@ -148,8 +148,10 @@ def draw_kind(text: str) -> str | float:
     return t
 
 
-def draw_config(model_cfg, draw: str | float):
-    """``model_cfg`` drawing imagination's prior latents as ``draw`` (:func:`draw_kind`) says."""
+def draw_config(model_cfg, draw: str | float | None):
+    """``model_cfg`` drawing imagination's prior latents as ``draw`` (:func:`draw_kind`) says (None: as it does)."""
+    if draw is None:
+        return model_cfg
     if isinstance(draw, str):
         return dataclasses.replace(model_cfg, imagine_latent=draw, imagine_temperature=1.0)
     return dataclasses.replace(model_cfg, imagine_latent="sample", imagine_temperature=draw)
@@ -170,8 +172,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     cfg, learner, _ = load_for_eval(args.checkpoint)
     learner.model.eval()
-    draws = args.imagine_latent or [cfg.model.imagine_latent if cfg.model.imagine_latent == "mode" or cfg.model.imagine_temperature == 1.0
-                                    else cfg.model.imagine_temperature]
+    draws = args.imagine_latent or [None]  # None: the checkpoint's own
     torch.manual_seed(args.seed)
     env = make_env(cfg.run.env, seed=0, **cfg.run.env_options)
     if not env.spec.discrete:

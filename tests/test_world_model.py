@@ -369,7 +369,8 @@ def test_ensemble_learns_the_next_agent_latent_and_its_disagreement(variant):
     want = torch.stack(errs)[:, valid].mean()
     assert torch.allclose(terms["ensemble"], want, rtol=1e-5)
     m.zero_grad()
-    term = m._ensemble_terms(b, *m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])[:2])["ensemble"]
+    post2, logits2, _ = m.observe(b["obs"], b["state"], b["prev_action"], b["is_first"])
+    term = m._ensemble_terms(b, *m.features(post2), logits2)["ensemble"]
     term.backward()
     assert m.ensemble.w1.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for n, p in m.named_parameters() if not n.startswith("ensemble."))

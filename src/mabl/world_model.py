@@ -340,16 +340,18 @@ class BiLevelWorldModel(nn.Module):
                 "cont_prior": w * F.binary_cross_entropy_with_logits(cont.float(), cont_target).mean()}
 
     def _ensemble_in(self, fa: torch.Tensor, fg: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
+        """The ensemble's detached input (fa, fg, a), built once in the speed dtype its matmuls use."""
+        dt = self.speed.dtype
         parts = [fa] if fg is None else [fa, fg]
-        return torch.cat([x.float() for x in parts + [action]], -1).detach()
+        return torch.cat([x.detach().to(dt) for x in parts + [action]], -1)
 
-    def _ensemble_terms(self, batch, post: LatentState, logits) -> dict[str, torch.Tensor]:
+    def _ensemble_terms(self, batch, fa: torch.Tensor, fg: torch.Tensor | None, logits) -> dict[str, torch.Tensor]:
         """``cfg.ensemble`` (extension): every member's squared error predicting agent i's next posterior
         q(z^a_{t+1} | ...) (its class probabilities, not a sample of it: less noise to fit) from the detached
         (z^a_t, h^a_t, z^g_t, h^g_t) and a^i_t (the next step's ``prev_action``), within an episode, summed over
         each categorical's classes and averaged over the categoricals, members, steps and agents. Only the
-        ensemble learns from it. Its matmuls run in the speed dtype (bf16 with ``run.bf16``)."""
-        fa, fg = self.features(post)
+        ensemble learns from it. Its matmuls run in the speed dtype (bf16 with ``run.bf16``). ``fa``, ``fg``:
+        the posterior features the loss already built."""
         x = self._ensemble_in(fa[:-1], None if fg is None else fg[:-1], batch["prev_action"][1:])
         post_a = logits["post_a"][1:].detach().float()
         target = post_a.unflatten(-1, (self.n_cat, -1)).softmax(-1).flatten(-2)
@@ -473,7 +475,7 @@ class BiLevelWorldModel(nn.Module):
         if cfg.prior_heads > 0:
             terms.update(self._prior_head_terms(batch, post, logits, torch.float32))
         if self.ensemble is not None:
-            terms.update(self._ensemble_terms(batch, post, logits))
+            terms.update(self._ensemble_terms(batch, fa, fg, logits))
         total = sum(terms.values())
         metrics = {k: v.detach() for k, v in terms.items()}
         with torch.no_grad():
@@ -753,7 +755,7 @@ class BiLevelWorldModel(nn.Module):
             if cfg.prior_heads > 0:
                 terms.update(self._prior_head_terms(batch, post, logits, dt))
             if self.ensemble is not None:
-                terms.update(self._ensemble_terms(batch, post, logits))
+                terms.update(self._ensemble_terms(batch, fa, fg, logits))
             # same order of terms as the plain path
             order = ["obs", "state", "kl_a", "kl_g", "reward", "cont", "avail", "action", "reward_prior", "cont_prior", "ensemble"]
             terms = {k: terms[k] for k in order if k in terms}
