@@ -634,6 +634,70 @@ def test_learner_passes_the_replayed_sequences_only_when_self_imitation_is_on():
         assert ("policy/sil_gap" in m) == (coef > 0)
 
 
+def test_real_value_loss_against_a_hand_computation():
+    from mabl.mappo import real_value_loss
+
+    v = torch.tensor([1.0, 3.0, 2.0])
+    g = torch.tensor([2.0, 1.0, 2.0])
+    assert torch.allclose(real_value_loss(v, g), torch.tensor([0.5, 2.0, 0.0]))  # both directions
+
+
+@pytest.mark.parametrize("sil", [0.0, 1.0])
+def test_real_value_moves_the_critic_toward_real_returns_in_both_directions(sil):
+    """ppo.real_value: the critic's values on the replayed steps approach the observed returns, those
+    it over-predicts coming down too (self_imitation_value alone only pulls up); the actor is left
+    alone without self-imitation."""
+    cfg, model, algo, start = _setup(real_value=1.0, self_imitation=sil, self_imitation_value=0.0, critic_lr=1e-3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch = _real_batch()
+    with torch.no_grad():
+        post, _, _ = model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
+    sil_steps = algo._real_steps(model, (post, batch), contextlib.nullcontext)
+    assert sil_steps is not None
+
+    def values():
+        with torch.no_grad():
+            return algo.critic(algo.critic_features(sil_steps.feat_a, sil_steps.feat_g))
+
+    # shift the returns so that some sit below the critic's values and some above
+    v0 = values()
+    sil_steps.returns = v0 + torch.linspace(-2.0, 2.0, v0.numel()).view_as(v0)
+    actor0 = [p.detach().clone() for p in algo.actor.parameters()]
+    err0 = float((sil_steps.returns - v0).abs().mean())
+    below = sil_steps.returns < v0
+    stats = {}
+    for _ in range(20):
+        algo._self_imitation_step(sil_steps, contextlib.nullcontext, None, stats)
+    v1 = values()
+    assert float((sil_steps.returns - v1).abs().mean()) < 0.7 * err0
+    assert float((v1 - v0)[below].mean()) < 0  # pulled down where it over-predicted
+    assert "real_value_err" in stats
+    unchanged = all(torch.equal(a, b) for a, b in zip(actor0, algo.actor.parameters()))
+    assert unchanged == (sil == 0.0)
+    out = algo.train_round(model, start, contextlib.nullcontext, real=(post, batch))
+    assert "real_value_err" in out and all(torch.isfinite(torch.tensor(x)) for x in out.values())
+    with pytest.raises(Exception, match="real_value"):
+        make_config("tiny", "smax:3m", {"ppo": {"real_value": -1.0}})
+
+
+def test_learner_passes_the_replayed_sequences_for_real_value():
+    import numpy as np
+
+    from mabl.buffer import ReplayBuffer
+    from mabl.learner import MABLLearner
+
+    cfg = make_config("tiny", "smax:3m", {"ppo": {"real_value": 1.0}})
+    learner = MABLLearner(SPEC, cfg)
+    buf = ReplayBuffer(SPEC, 1000)
+    b = _real_batch(T=40, B=1)
+    ep = {k: v[:, 0].numpy() for k, v in b.items()}
+    ep["cont"][-1] = 0.0
+    buf.add_episode(ep)
+    m = learner.update(buf, np.random.default_rng(0))
+    assert "policy/real_value_err" in m
+
+
 def test_self_imitation_with_continuous_actions():
     """Continuous actions: the replayed action is the pre-squash u = atanh(a) the actor scores."""
     model, algo = _continuous_setup(self_imitation=1.0)

@@ -156,6 +156,12 @@ class PPOConfig:
     # through the model's dynamics. The actor still acts on its own (z^a, h^a) only.
     self_imitation: float = 0.0
     self_imitation_value: float = 0.01
+    # Extension, not in the paper (0 = the paper): after every PPO epoch the critic also takes one step on
+    # this * ½ (G_t - V(s_t))² over the same replayed real steps and observed returns G_t as
+    # ``self_imitation`` (both directions, unlike self_imitation_value), so its values, which the imagined
+    # advantages use at every step, are tied to real outcomes as well as to the imagined returns.
+    # Works with or without self_imitation.
+    real_value: float = 0.0
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
     epochs: int = 5  # Table 3 'Epochs per update'
     minibatch: int = 2000  # Table 3 'Batch size' (imagined joint states per gradient step)
@@ -408,7 +414,7 @@ _POSITIVE_FLOAT = {
     "ppo": ("actor_lr", "critic_lr", "clip", "grad_clip", "return_range_floor"),
 }
 _NON_NEGATIVE = {"model": ("kl_scale", "state_scale", "prior_heads", "ensemble"), "ppo": ("disagreement", "entropy", "entropy_target", "entropy_target_lr", "counterfactual_samples",
-                                                                                    "self_imitation", "self_imitation_value"), "run": ("min_buffer", "threads", "train_every_steps")}
+                                                                                    "self_imitation", "self_imitation_value", "real_value"), "run": ("min_buffer", "threads", "train_every_steps")}
 # sizes that would only ever be typos; they keep a config from asking for terabytes
 _AT_MOST = {
     ("model", "hidden"): 65_536, ("model", "deter"): 65_536, ("model", "embed"): 65_536, ("model", "layers"): 64,

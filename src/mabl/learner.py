@@ -152,7 +152,7 @@ class MABLLearner:
                 ts = time.perf_counter()
                 batch = buffer.sample(pc.imagine_batch, pc.imagine_seq_len, rng, self.device, mc.recent_fraction,
                                       mc.recent_window)
-                if pc.self_imitation > 0:  # the replayed sequences go along (MAPPO.train_round's ``real``)
+                if pc.self_imitation > 0 or pc.real_value > 0:  # the replayed sequences go along (MAPPO.train_round's ``real``)
                     starts, post = self.starts(batch, return_posterior=True)
                     extra = {"real": (post, batch)}
                 else:

@@ -165,6 +165,12 @@ def self_imitation_losses(logp: torch.Tensor, values: torch.Tensor, returns: tor
     return -logp * (gap.detach() / scale), 0.5 * gap ** 2
 
 
+def real_value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """``ppo.real_value``: ½ (G_t - V_t)² per sample, both directions (the critic regressed on the
+    observed real returns; cf. :func:`self_imitation_losses`, whose critic term only pulls up)."""
+    return 0.5 * (returns - values) ** 2
+
+
 class AttentionCritic(nn.Module):
     """V(ẑ^i, h^{a,i}, h^{g,i}) with one self-attention block across agents (as in MAMBA/MABL)."""
 
@@ -681,7 +687,7 @@ class MAPPO(nn.Module):
     def _real_steps(self, model: BiLevelWorldModel, real: tuple[LatentState, dict] | None, autocast) -> RealSteps | None:
         """The replayed steps and observed returns of a round for ``ppo.self_imitation`` (None when off)."""
         cfg = self.cfg
-        if real is None or cfg.self_imitation <= 0:
+        if real is None or (cfg.self_imitation <= 0 and cfg.real_value <= 0):
             return None
         post, batch = real
         fa, fg = model.features(post)
@@ -704,18 +710,28 @@ class MAPPO(nn.Module):
                          returns=G[:-1][sel])
 
     def _self_imitation_step(self, sil: RealSteps, autocast, guard, stats: dict) -> None:
-        """One actor and one critic step of self-imitation on the round's replayed steps."""
+        """One actor and one critic step of self-imitation (``ppo.self_imitation``) and of the real-return
+        regression (``ppo.real_value``) on the round's replayed steps."""
         cfg = self.cfg
         if sil.returns.shape[0] == 0:
             return
         with autocast():
-            logp, _ = self.actor.log_prob_entropy(sil.feat_a, sil.raw, sil.avail)
             v = self.critic(self.critic_features(sil.feat_a, sil.feat_g))
-        actor, critic = self_imitation_losses(logp.float(), v.float(), sil.returns, self.adv_scale)
-        self._step(self.actor_opt, self.actor, cfg.self_imitation * actor.mean(), guard, "self_imitation_actor_loss")
-        if cfg.self_imitation_value > 0:
-            self._step(self.critic_opt, self.critic, cfg.self_imitation_value * critic.mean(), guard, "self_imitation_critic_loss")
-        gap = (sil.returns - v.detach().float()).clamp_min(0.0)
+            logp = self.actor.log_prob_entropy(sil.feat_a, sil.raw, sil.avail)[0] if cfg.self_imitation > 0 else None
+        v = v.float()
+        actor, critic = self_imitation_losses(torch.zeros_like(v) if logp is None else logp.float(), v, sil.returns, self.adv_scale)
+        if logp is not None:
+            self._step(self.actor_opt, self.actor, cfg.self_imitation * actor.mean(), guard, "self_imitation_actor_loss")
+        critic_loss = None
+        if cfg.self_imitation > 0 and cfg.self_imitation_value > 0:
+            critic_loss = cfg.self_imitation_value * critic.mean()
+        if cfg.real_value > 0:
+            reg = cfg.real_value * real_value_loss(v, sil.returns).mean()
+            critic_loss = reg if critic_loss is None else critic_loss + reg
+            stats["real_value_err"] = stats.get("real_value_err", 0.0) + float((sil.returns - v.detach()).mean())
+        if critic_loss is not None:
+            self._step(self.critic_opt, self.critic, critic_loss, guard, "self_imitation_critic_loss")
+        gap = (sil.returns - v.detach()).clamp_min(0.0)
         stats["sil_gap"] = stats.get("sil_gap", 0.0) + float(gap.mean())
         stats["sil_active"] = stats.get("sil_active", 0.0) + float((gap > 0).float().mean())
         stats["sil_steps"] = stats.get("sil_steps", 0) + 1
