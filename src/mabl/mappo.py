@@ -685,7 +685,8 @@ class MAPPO(nn.Module):
 
     @torch.no_grad()
     def _real_steps(self, model: BiLevelWorldModel, real: tuple[LatentState, dict] | None, autocast) -> RealSteps | None:
-        """The replayed steps and observed returns of a round for ``ppo.self_imitation`` (None when off)."""
+        """The replayed steps and observed returns of a round for ``ppo.self_imitation`` and
+        ``ppo.real_value`` (None when both are off)."""
         cfg = self.cfg
         if real is None or (cfg.self_imitation <= 0 and cfg.real_value <= 0):
             return None
@@ -718,13 +719,12 @@ class MAPPO(nn.Module):
         with autocast():
             v = self.critic(self.critic_features(sil.feat_a, sil.feat_g))
             logp = self.actor.log_prob_entropy(sil.feat_a, sil.raw, sil.avail)[0] if cfg.self_imitation > 0 else None
-        v = v.float()
-        actor, critic = self_imitation_losses(torch.zeros_like(v) if logp is None else logp.float(), v, sil.returns, self.adv_scale)
+        v, critic_loss = v.float(), None
         if logp is not None:
+            actor, critic = self_imitation_losses(logp.float(), v, sil.returns, self.adv_scale)
             self._step(self.actor_opt, self.actor, cfg.self_imitation * actor.mean(), guard, "self_imitation_actor_loss")
-        critic_loss = None
-        if cfg.self_imitation > 0 and cfg.self_imitation_value > 0:
-            critic_loss = cfg.self_imitation_value * critic.mean()
+            if cfg.self_imitation_value > 0:
+                critic_loss = cfg.self_imitation_value * critic.mean()
         if cfg.real_value > 0:
             reg = cfg.real_value * real_value_loss(v, sil.returns).mean()
             critic_loss = reg if critic_loss is None else critic_loss + reg
