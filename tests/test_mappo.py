@@ -616,14 +616,15 @@ def test_train_round_with_self_imitation(fast):
         make_config("tiny", "smax:3m", {"ppo": {"self_imitation": -1.0}})
 
 
-def test_learner_passes_the_replayed_sequences_only_when_self_imitation_is_on():
+def test_learner_passes_the_replayed_sequences_only_when_self_imitation_or_real_value_is_on():
     import numpy as np
 
     from mabl.buffer import ReplayBuffer
     from mabl.learner import MABLLearner
 
-    for coef in (0.0, 1.0):
-        cfg = make_config("tiny", "smax:3m", {"ppo": {"self_imitation": coef}})
+    for ppo, metric in (({"self_imitation": 0.0}, None), ({"self_imitation": 1.0}, "policy/sil_gap"),
+                        ({"real_value": 1.0}, "policy/real_value_err")):
+        cfg = make_config("tiny", "smax:3m", {"ppo": ppo})
         learner = MABLLearner(SPEC, cfg)
         buf = ReplayBuffer(SPEC, 1000)
         b = _real_batch(T=40, B=1)
@@ -631,7 +632,9 @@ def test_learner_passes_the_replayed_sequences_only_when_self_imitation_is_on():
         ep["cont"][-1] = 0.0
         buf.add_episode(ep)
         m = learner.update(buf, np.random.default_rng(0))
-        assert ("policy/sil_gap" in m) == (coef > 0)
+        assert ("policy/sil_gap" in m) == (metric is not None)
+        if metric is not None:
+            assert metric in m
 
 
 def test_real_value_loss_against_a_hand_computation():
@@ -679,23 +682,6 @@ def test_real_value_moves_the_critic_toward_real_returns_in_both_directions(sil)
     assert "real_value_err" in out and all(torch.isfinite(torch.tensor(x)) for x in out.values())
     with pytest.raises(Exception, match="real_value"):
         make_config("tiny", "smax:3m", {"ppo": {"real_value": -1.0}})
-
-
-def test_learner_passes_the_replayed_sequences_for_real_value():
-    import numpy as np
-
-    from mabl.buffer import ReplayBuffer
-    from mabl.learner import MABLLearner
-
-    cfg = make_config("tiny", "smax:3m", {"ppo": {"real_value": 1.0}})
-    learner = MABLLearner(SPEC, cfg)
-    buf = ReplayBuffer(SPEC, 1000)
-    b = _real_batch(T=40, B=1)
-    ep = {k: v[:, 0].numpy() for k, v in b.items()}
-    ep["cont"][-1] = 0.0
-    buf.add_episode(ep)
-    m = learner.update(buf, np.random.default_rng(0))
-    assert "policy/real_value_err" in m
 
 
 def test_self_imitation_with_continuous_actions():
