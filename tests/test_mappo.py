@@ -578,6 +578,16 @@ def _real_batch(T=6, B=3, seed=0):
             "avail": avail, "is_first": is_first}
 
 
+def _frozen_real_steps(model, algo):
+    """Freeze the world model; a replayed batch, its posterior and the round's RealSteps."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch = _real_batch()
+    with torch.no_grad():
+        post, _, _ = model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
+    return post, batch, algo._real_steps(model, (post, batch), contextlib.nullcontext)
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_train_round_with_self_imitation(fast):
     """A round with the replayed sequences: the self-imitation steps run on both critic paths and raise
@@ -587,12 +597,7 @@ def test_train_round_with_self_imitation(fast):
     cfg, model, algo, start = _setup(self_imitation=50.0, self_imitation_value=1.0, actor_lr=1e-3)
     if fast:
         model.speed = Speed(fast_critic=True, fused_heads=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    batch = _real_batch()
-    with torch.no_grad():
-        post, _, _ = model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
-    sil = algo._real_steps(model, (post, batch), contextlib.nullcontext)
+    post, batch, sil = _frozen_real_steps(model, algo)
     assert sil.raw.shape == (5 * 3, SPEC.n_agents)  # every step but the last acted
     assert torch.equal(sil.raw, batch["prev_action"][1:].argmax(-1).flatten(0, 1))
 
@@ -651,12 +656,7 @@ def test_real_value_moves_the_critic_toward_real_returns_in_both_directions(sil)
     it over-predicts coming down too (self_imitation_value alone only pulls up); the actor is left
     alone without self-imitation."""
     cfg, model, algo, start = _setup(real_value=1.0, self_imitation=sil, self_imitation_value=0.0, critic_lr=1e-3)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    batch = _real_batch()
-    with torch.no_grad():
-        post, _, _ = model.observe(batch["obs"], batch["state"], batch["prev_action"], batch["is_first"])
-    sil_steps = algo._real_steps(model, (post, batch), contextlib.nullcontext)
+    post, batch, sil_steps = _frozen_real_steps(model, algo)
     assert sil_steps is not None
 
     def values():
