@@ -555,7 +555,8 @@ class MAPPO(nn.Module):
         imagined batch's reward, continuation, value, return and schedules."""
         n = max(stats.pop("n"), 1)
         n_sil = max(stats.pop("sil_steps", 0), 1)
-        out = {k: v / (n_sil if k.startswith("sil_") else n) for k, v in stats.items()}
+        real_step = ("sil_", "real_value_")  # summed once per real-step update, not per PPO minibatch
+        out = {k: v / (n_sil if k.startswith(real_step) else n) for k, v in stats.items()}
         out.update(imag_reward=float(traj.reward.mean()), imag_cont=float(traj.cont.mean()),
                    value=float(values.mean()), return_=float(ret.mean()), entropy_coef=self.entropy_coef)
         if self.return_range is not None:
