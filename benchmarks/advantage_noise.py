@@ -70,7 +70,7 @@ def measure(checkpoint: str, episodes: int) -> dict:
     starts = LatentState(cat("h_a"), cat("z_a"), cat("h_g"), cat("z_g"))
     with torch.no_grad(), learner.autocast():
         traj = imagine(model, algo.actor, starts, pc.horizon)
-        values = algo.critic(algo.critic_features(traj.feat_a, traj.feat_g)).float()
+        values = algo.critic(algo.critic_features(traj.feat_a, traj.feat_g), algo.trajectory_time_index(traj.feat_a.shape[:-2], traj.feat_a.device)).float()
     reward = traj.reward.mean(-1, keepdim=True).expand_as(traj.reward) if pc.team_reward else traj.reward
     if not pc.bootstrap:  # as MAPPO._advantages: the return ends at the horizon
         values = torch.cat([values[:-1], torch.zeros_like(values[-1:])], 0)
@@ -87,7 +87,7 @@ def measure(checkpoint: str, episodes: int) -> dict:
         a, _ = gae(reward, values, traj.cont, pc.gamma, lam)
         by_lambda[str(lam)] = float(a.std())
     share = lambda a: float(a.mean(-1, keepdim=True).expand_as(a).var()) / max(float(a.var()), 1e-12)  # noqa: E731
-    value_fn = lambda fa, fg: algo.critic(algo.critic_features(fa, fg))  # noqa: E731
+    value_fn = lambda fa, fg, t: algo.critic(algo.critic_features(fa, fg), algo.time_index(fa.shape[:-2], t, fa.device))  # noqa: E731
     adv0, _ = gae(reward, values, traj.cont, pc.gamma, 0.0)
     cf = {}
     for k in COUNTERFACTUAL:

@@ -117,14 +117,14 @@ def measure(checkpoint: str, episodes: int) -> dict:
     p_weakest, adv_weakest, adv_other = [], [], []
     gaps = {v: ([], []) for v in VARIANTS}  # variant -> (advantages on the weakest, on the others)
     lam0 = dataclasses.replace(algo.cfg, gae_lambda=0.0)
-    value_fn = lambda fa, fg: algo.critic(algo.critic_features(fa, fg))  # noqa: E731
+    value_fn = lambda fa, fg, t: algo.critic(algo.critic_features(fa, fg), algo.time_index(fa.shape[:-2], t, fa.device))  # noqa: E731
     for e in range(episodes):
         ep, _ = run_episode(env, policy, FINAL_SEED + e, False, cpu)
         post, _ = episode_posterior(learner, ep)
         with learner.autocast():
             keep = torch.as_tensor(ep["cont"]) > 0
             traj = imagine(model, algo.actor, post.map(lambda x: x[:, 0][keep]), cfg.ppo.horizon)
-            values = algo.critic(algo.critic_features(traj.feat_a, traj.feat_g)).float()
+            values = algo.critic(algo.critic_features(traj.feat_a, traj.feat_g), algo.trajectory_time_index(traj.feat_a.shape[:-2], traj.feat_a.device)).float()
         adv, _, reach = algo._advantages(traj, values)
         b = algo._counterfactual(model, traj, learner.autocast, value_fn, samples=CF_SAMPLES)
         run_cfg, variants = algo.cfg, {}

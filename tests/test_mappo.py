@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mabl.config import make_config
+from mabl.errors import ConfigError
 from mabl.envs.base import EnvSpec
 from mabl.mappo import MAPPO, gae, imagine, ppo_clip_loss, reach_weights
 from mabl.world_model import BiLevelWorldModel
@@ -728,3 +729,87 @@ def test_disagreement_penalty_lowers_imagined_rewards_by_the_ensemble_variance(f
     # off (the paper): the trajectory is returned as it is
     algo0 = MAPPO(SPEC, model, dataclasses.replace(cfg.ppo, disagreement=0.0))
     assert algo0._pessimism(model, traj) is traj and "disagreement" not in algo0.train_round(model, start, contextlib.nullcontext)
+
+
+def test_critic_time_needs_truncated_returns():
+    with pytest.raises(ConfigError, match="critic_time"):
+        make_config("tiny", "smax:3m", {"ppo": {"critic_time": True}})  # bootstrap is on by default
+    cfg = make_config("tiny", "smax:3m", {"ppo": {"critic_time": True, "bootstrap": False}})
+    assert cfg.ppo.critic_time and not cfg.ppo.bootstrap
+
+
+def test_critic_time_indices_and_that_both_critics_insist_on_their_kind():
+    cfg, model, algo, start = _setup(critic_time=True, bootstrap=False)
+    H = cfg.ppo.horizon
+    idx = algo.trajectory_time_index((H + 1, 7))
+    assert idx.shape == (H + 1, 7) and idx[:, 0].tolist() == list(range(H, -1, -1))
+    assert (algo.time_index((4, 3)) == H + 1).all()  # a replayed real step: its return is not cut
+    assert (algo.time_index((4,), 2) == H - 2).all()
+    assert algo.critic.time_embed.num_embeddings == H + 2
+    x = torch.randn(5, SPEC.n_agents, algo.critic.embed.in_features)
+    with pytest.raises(ValueError, match="steps left"):
+        algo.critic(x)
+    _, _, plain, _ = _setup(bootstrap=False)
+    assert plain.time_index((4, 3)) is None and plain.trajectory_time_index((3, 2)) is None
+    with pytest.raises(ValueError, match="critic_time"):
+        plain.critic(x, torch.zeros(5, dtype=torch.long))
+
+
+def test_critic_time_starts_as_the_plain_critic_and_split_path_agrees():
+    """The time rows start at zero (the paper's critic until it learns otherwise); the fast path's
+    forward_split adds them exactly like forward."""
+    _, _, timed, _ = _setup(critic_time=True, bootstrap=False)
+    _, _, plain, _ = _setup(bootstrap=False)
+    x = torch.randn(6, SPEC.n_agents, timed.critic.embed.in_features)
+    steps = torch.arange(6) % (timed.cfg.horizon + 2)
+    with torch.no_grad():
+        assert torch.allclose(timed.critic(x, steps), plain.critic(x), atol=1e-6)
+        timed.critic.time_embed.weight.normal_()
+        v = timed.critic(x, steps)
+        assert not torch.allclose(v, plain.critic(x), atol=1e-3)
+        d = x.shape[-1] // 2
+        split = timed.critic.forward_split([x[..., :d], x[..., d:]], torch.float32, None, steps)
+    assert torch.allclose(split, v, atol=1e-5)
+
+
+def test_critic_time_lets_the_critic_fit_a_return_that_depends_only_on_the_steps_left():
+    """The same joint state with different steps left has different truncated returns: the time-aware
+    critic can fit them, the plain one only their mean."""
+    errs = {}
+    for timed in (True, False):
+        cfg, model, algo, _ = _setup(critic_time=timed, bootstrap=False, critic_lr=3e-3)
+        H = cfg.ppo.horizon
+        x = torch.randn(1, SPEC.n_agents, algo.critic.embed.in_features).expand(H + 1, -1, -1)
+        left = torch.arange(H, -1, -1)
+        target = left.float().unsqueeze(-1).expand(H + 1, SPEC.n_agents)
+        steps = left if timed else None
+        for _ in range(300):
+            loss = 0.5 * ((algo.critic(x, steps) - target) ** 2).mean()
+            algo.critic_opt.zero_grad()
+            loss.backward()
+            algo.critic_opt.step()
+        errs[timed] = float(loss.detach())
+    assert errs[True] < 0.05 * errs[False] and errs[False] > 0.5  # var of 0..H is (H+1)^2/12 - 1/12 = 2
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_train_round_with_critic_time_and_self_imitation(fast):
+    """A whole round with the time-aware critic, replayed real steps and counterfactual branches, on both
+    critic paths: the time rows are learned and the values of one state now depend on the steps left."""
+    from mabl.fast import Speed
+
+    cfg, model, algo, start = _setup(critic_time=True, bootstrap=False, self_imitation=1.0, real_value=1.0,
+                                     counterfactual_samples=1, critic_lr=1e-3)
+    if fast:
+        model.speed = Speed(fast_critic=True, fused_heads=True)
+    post, batch, sil = _frozen_real_steps(model, algo)
+    assert sil is not None
+    out = algo.train_round(model, start, contextlib.nullcontext, real=(post, batch))
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    w = algo.critic.time_embed.weight
+    H = cfg.ppo.horizon
+    assert w[1:H + 1].abs().sum() > 0 and w[H + 1].abs().sum() > 0  # imagined and real rows both trained
+    x = torch.randn(1, SPEC.n_agents, algo.critic.embed.in_features).expand(3, -1, -1)
+    with torch.no_grad():
+        v = algo.critic(x, torch.tensor([1, H, H + 1]))
+    assert not torch.allclose(v[0], v[1]) and not torch.allclose(v[1], v[2])

@@ -162,6 +162,15 @@ class PPOConfig:
     # advantages use at every step, are tied to real outcomes as well as to the imagined returns.
     # Works with or without self_imitation.
     real_value: float = 0.0
+    # Extension, not in the paper (false = the paper): a time-aware critic for ``bootstrap=false``. There
+    # the imagined return of state t is cut at the horizon, so its expected value depends on how many
+    # imagined steps are left (H - t), which the critic cannot otherwise see: V(s) regresses onto the
+    # average over t and the advantages inherit a t-dependent error. With this on, a learned embedding of
+    # the steps left (0..H) is added to the critic's input layer (zero at start: the paper's critic until
+    # it learns otherwise); the replayed real steps of ``self_imitation`` / ``real_value``, whose returns
+    # run to the episode's end, get an own index H+1 ("not cut"), so those losses no longer compare a
+    # full return with a cut one. Needs bootstrap=false.
+    critic_time: bool = False
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
     epochs: int = 5  # Table 3 'Epochs per update'
     minibatch: int = 2000  # Table 3 'Batch size' (imagined joint states per gradient step)
@@ -456,6 +465,9 @@ def validate(cfg: Config) -> Config:
                           f"across its members), got model.ensemble={cfg.model.ensemble!r}")
     if cfg.ppo.entropy_target > 0 and cfg.ppo.entropy == 0:
         raise ConfigError("config key ppo.entropy must be > 0 when ppo.entropy_target is set (it is the controller's starting and smallest coefficient)")
+    if cfg.ppo.critic_time and cfg.ppo.bootstrap:
+        raise ConfigError("config key ppo.critic_time=true needs ppo.bootstrap=false (a bootstrapped imagined return "
+                          "is not cut at the horizon, so there is no time left to see)")
     if not 0.0 < cfg.ppo.entropy_annealing <= 1.0:
         raise ConfigError(f"config key ppo.entropy_annealing must be in (0, 1], got {cfg.ppo.entropy_annealing!r}")
     if not _DEVICE.match(cfg.run.device):

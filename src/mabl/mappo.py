@@ -174,22 +174,45 @@ def real_value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor
 class AttentionCritic(nn.Module):
     """V(ẑ^i, h^{a,i}, h^{g,i}) with one self-attention block across agents (as in MAMBA/MABL)."""
 
-    def __init__(self, in_dim: int, hidden: int, layers: int, heads: int):
+    def __init__(self, in_dim: int, hidden: int, layers: int, heads: int, time_steps: int = 0):
         super().__init__()
         self.embed = nn.Linear(in_dim, hidden)
         self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.norm = nn.LayerNorm(hidden)
         self.out = mlp(hidden, hidden, max(layers - 1, 1), 1)
+        # ppo.critic_time: one learned row per "imagined steps left" index, added to the input layer's
+        # pre-activation; zero at start, so the critic starts as the paper's
+        self.time_embed = None
+        if time_steps > 0:
+            self.time_embed = nn.Embedding(time_steps, hidden)
+            nn.init.zeros_(self.time_embed.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., N, in_dim]`` -> values ``[..., N]``."""
+    def _time(self, steps: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The time rows for ``steps [...]`` (long), shaped ``[..., 1, hidden]`` to broadcast over agents."""
+        if self.time_embed is None:
+            if steps is not None:
+                raise ValueError("this critic was built without ppo.critic_time; pass steps=None")
+            return None
+        if steps is None:
+            raise ValueError("a time-aware critic (ppo.critic_time) needs the steps left of every state")
+        w = self.time_embed.weight if dtype is None else self.time_embed.weight.to(dtype)
+        return w[steps].unsqueeze(-2)
+
+    def forward(self, x: torch.Tensor, steps: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., N, in_dim]`` -> values ``[..., N]``; ``steps [...]`` the imagined steps left of each
+        joint state (``ppo.critic_time`` only)."""
         lead = x.shape[:-2]
-        e = F.relu(self.embed(x)).reshape(-1, *x.shape[-2:-1], self.embed.out_features)
+        pre = self.embed(x)
+        t = self._time(steps)
+        if t is not None:
+            pre = pre + t.to(pre.dtype)
+        e = F.relu(pre).reshape(-1, *x.shape[-2:-1], self.embed.out_features)
         a, _ = self.attn(e, e, e, need_weights=False)
         h = self.norm(e + a)
         return self.out(h).squeeze(-1).reshape(*lead, x.shape[-2]).float()
 
-    def forward_split(self, xs: list[torch.Tensor], dtype: torch.dtype, onehot: tuple[int, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    def forward_split(self, xs: list[torch.Tensor], dtype: torch.dtype, onehot: tuple[int, list[torch.Tensor]] | None = None,
+                      steps: torch.Tensor | None = None) -> torch.Tensor:
         """``forward(torch.cat(xs, -1))`` without the concatenation (``Speed.fast_critic``).
 
         The embedding is one matmul per input part; the attention across agents is
@@ -210,6 +233,9 @@ class AttentionCritic(nn.Module):
                 y = split_linear(x.to(dtype), wj, bj, idxs[j], S)
             pre = y if pre is None else pre + y
             off += d
+        t = self._time(steps, dtype)
+        if t is not None:
+            pre = pre + t
         e = F.relu(pre).reshape(-1, n, self.embed.out_features)
         E = e.shape[-1]
         wi, bi = self.attn.in_proj_weight.to(dtype), self.attn.in_proj_bias.to(dtype)
@@ -450,7 +476,10 @@ class MAPPO(nn.Module):
         self.critic_input = cfg.critic_input if model.bilevel else "agent"
         self.last_disagreement: float | None = None  # ppo.disagreement: the last round's mean ensemble variance
         cin = {"global+agent": model.feat_a + model.feat_g, "global": model.feat_g, "agent": model.feat_a}[self.critic_input]
-        self.critic = AttentionCritic(cin, cfg.hidden, cfg.layers, cfg.attention_heads)
+        if cfg.critic_time and cfg.bootstrap:
+            raise ConfigError("config key ppo.critic_time=true needs ppo.bootstrap=false")
+        # ppo.critic_time: indices 0..H are imagined steps left, H+1 a real step (return not cut)
+        self.critic = AttentionCritic(cin, cfg.hidden, cfg.layers, cfg.attention_heads, cfg.horizon + 2 if cfg.critic_time else 0)
         fused = getattr(model, "speed", PLAIN).fused_adam
         self._foreach_clip = fused
         self.actor_opt = fused_adam(self.actor.parameters(), cfg.actor_lr, fused)
@@ -461,6 +490,24 @@ class MAPPO(nn.Module):
         self._stoch = model.stoch  # width of a one-hot latent (the first columns of fa and fg)
         self.timings: dict[str, float] = {}
         self._compiled = None
+
+    def time_index(self, lead: tuple[int, ...], t: int | None = None, device=None) -> torch.Tensor | None:
+        """``ppo.critic_time``: the critic's time index for joint states of leading shape ``lead`` that
+        all sit at imagined step ``t`` (index H - t, the steps left), or are replayed real steps
+        (``t=None``: index H+1, a return not cut at any horizon). None when the option is off."""
+        if not self.cfg.critic_time:
+            return None
+        H = self.cfg.horizon
+        return torch.full(lead, H + 1 if t is None else max(H - t, 0), dtype=torch.long, device=device)
+
+    def trajectory_time_index(self, lead: tuple[int, ...], device=None) -> torch.Tensor | None:
+        """``ppo.critic_time``: the time index of an imagined trajectory's states ``[H+1, M, ...]`` (states
+        t = 0..H along the first axis of ``lead``: index H - t). None when the option is off."""
+        if not self.cfg.critic_time:
+            return None
+        H = self.cfg.horizon
+        left = (H - torch.arange(lead[0], device=device)).clamp_min(0)
+        return left.view(-1, *([1] * (len(lead) - 1))).expand(lead).contiguous()
 
     def critic_features(self, fa: torch.Tensor, fg: torch.Tensor | None) -> torch.Tensor:
         if self.critic_input == "agent":
@@ -503,14 +550,17 @@ class MAPPO(nn.Module):
         with autocast():
             with torch.no_grad():
                 cin = self.critic_features(traj.feat_a, traj.feat_g)
-                values = self.critic(cin)
-        baseline = self._counterfactual(model, traj, autocast, lambda fa, fg: self.critic(self.critic_features(fa, fg)))
+                steps = self.trajectory_time_index(cin.shape[:-2], cin.device)
+                values = self.critic(cin, steps)
+        baseline = self._counterfactual(model, traj, autocast, lambda fa, fg, t: self.critic(
+            self.critic_features(fa, fg), self.time_index(fa.shape[:-2], t, fa.device)))
         adv, ret, weight = self._advantages(traj, values, baseline)
         sil = self._real_steps(model, real, autocast)
         H, M = traj.raw.shape[:2]
         K = H * M
         flat = lambda x: None if x is None else x.reshape(K, *x.shape[2:])  # noqa: E731
         fa, c_in, raw, logp_old, avail = flat(traj.feat_a[:-1]), flat(cin[:-1]), flat(traj.raw), flat(traj.logp), flat(traj.avail)
+        steps = None if steps is None else flat(steps[:-1])
         adv, ret, weight = flat(adv), flat(ret), flat(weight)
         stats = {"actor_loss": 0.0, "critic_loss": 0.0, "entropy": 0.0, "n": 0}
         for _ in range(cfg.epochs):
@@ -525,7 +575,7 @@ class MAPPO(nn.Module):
                 self._step(self.actor_opt, self.actor, actor_loss, guard, "actor_loss")
                 self._next_entropy_coef(ent, w)
                 with autocast():
-                    v = self.critic(c_in[idx])
+                    v = self.critic(c_in[idx], None if steps is None else steps[idx])
                     critic_loss = (w * 0.5 * (v - ret[idx]) ** 2).mean()
                 self._step(self.critic_opt, self.critic, critic_loss, guard, "critic_loss")
                 stats["actor_loss"] += float(actor_loss.detach())
@@ -593,8 +643,8 @@ class MAPPO(nn.Module):
 
     def _counterfactual(self, model: BiLevelWorldModel, traj: Imagined, autocast, value_fn, samples: int | None = None) -> torch.Tensor | None:
         """:func:`counterfactual_baseline` with one-step branches of the frozen model, ``samples``
-        (default ``ppo.counterfactual_samples``) draws per agent; None for 0. ``value_fn(fa, fg)`` is
-        the critic on features. The time counts as imagination."""
+        (default ``ppo.counterfactual_samples``) draws per agent; None for 0. ``value_fn(fa, fg, t)`` is
+        the critic on features of states at imagined step t. The time counts as imagination."""
         cfg = self.cfg
         samples = cfg.counterfactual_samples if samples is None else samples
         if samples <= 0:
@@ -606,7 +656,7 @@ class MAPPO(nn.Module):
             st = imagined_state(model, traj, t).map(lambda x: x.expand(*lead[:2], *x.shape).reshape(-1, *x.shape[1:]))
             with autocast():
                 one = imagine(model, self.actor, st, 1, actions=act.reshape(1, -1, *act.shape[3:]))
-                value = value_fn(one.feat_a[1], None if one.feat_g is None else one.feat_g[1])
+                value = value_fn(one.feat_a[1], None if one.feat_g is None else one.feat_g[1], t + 1)
             return tuple(x.float().reshape(*lead, x.shape[-1]) for x in (one.reward[0], one.cont[0], value))
 
         with torch.no_grad():
@@ -645,9 +695,12 @@ class MAPPO(nn.Module):
             fia, fig = (None, None) if ia is None else (ia.flatten(0, 1), None if ig is None else ig.flatten(0, 1))
             chunk = max(1, 8192 // max(1, fa.shape[2]) * 4)
             sl = lambda x, i: None if x is None else x[i:i + chunk]  # noqa: E731
-            values = torch.cat([self.critic.forward_split(parts(sl(flat_a, i), sl(flat_g, i)), dt, onehot(sl(fia, i), sl(fig, i)))
+            steps = self.trajectory_time_index((Hp1, M), fa.device)  # ppo.critic_time, else None
+            flat_t = None if steps is None else steps.flatten(0, 1)
+            values = torch.cat([self.critic.forward_split(parts(sl(flat_a, i), sl(flat_g, i)), dt, onehot(sl(fia, i), sl(fig, i)), sl(flat_t, i))
                                 for i in range(0, flat_a.shape[0], chunk)]).view(Hp1, M, -1)
-        baseline = self._counterfactual(model, traj, autocast, lambda a, g: self.critic.forward_split(parts(a.to(dt), None if g is None else g.to(dt)), dt))
+        baseline = self._counterfactual(model, traj, autocast, lambda a, g, t: self.critic.forward_split(
+            parts(a.to(dt), None if g is None else g.to(dt)), dt, None, self.time_index(a.shape[:-2], t, a.device)))
         adv, ret, weight = self._advantages(traj, values, baseline)
         sil = self._real_steps(model, real, autocast)
         H, M = traj.raw.shape[:2]
@@ -658,6 +711,7 @@ class MAPPO(nn.Module):
         sel = lambda x, i: None if x is None else x.index_select(0, i)  # noqa: E731
         raw, logp_old, avail = flat(traj.raw), flat(traj.logp), flat(traj.avail)
         adv, ret, weight = flat(adv), flat(ret), flat(weight)
+        steps_k = None if steps is None else flat(steps[:-1])
         actor_fn, critic_fn = self._loss_fns(sp)
         stats = {"actor_loss": 0.0, "critic_loss": 0.0, "entropy": 0.0, "n": 0}
         for _ in range(cfg.epochs):
@@ -674,7 +728,8 @@ class MAPPO(nn.Module):
                 self._step(self.actor_opt, self.actor, actor_loss, guard, "actor_loss")
                 self._next_entropy_coef(ent, w)
                 with no_autocast(dev):
-                    critic_loss = critic_fn(parts(a_mb, g_mb), ret[idx], w, None if ia_mb is None else onehot(ia_mb, ig_mb))
+                    critic_loss = critic_fn(parts(a_mb, g_mb), ret[idx], w, None if ia_mb is None else onehot(ia_mb, ig_mb),
+                                            sel(steps_k, idx))
                 self._step(self.critic_opt, self.critic, critic_loss, guard, "critic_loss")
                 stats["actor_loss"] += float(actor_loss.detach())
                 stats["critic_loss"] += float(critic_loss.detach())
@@ -695,7 +750,7 @@ class MAPPO(nn.Module):
         fa, fg = model.features(post)
         fa, fg = fa.float(), None if fg is None else fg.float()
         with autocast():
-            values = self.critic(self.critic_features(fa, fg)).float()
+            values = self.critic(self.critic_features(fa, fg), self.time_index(fa.shape[:-2], None, fa.device)).float()
         reward = batch["reward"].float()
         if cfg.team_reward:
             reward = reward.mean(-1, keepdim=True).expand_as(reward)
@@ -718,7 +773,7 @@ class MAPPO(nn.Module):
         if sil.returns.shape[0] == 0:
             return
         with autocast():
-            v = self.critic(self.critic_features(sil.feat_a, sil.feat_g))
+            v = self.critic(self.critic_features(sil.feat_a, sil.feat_g), self.time_index(sil.feat_a.shape[:-2], None, sil.feat_a.device))
             logp = self.actor.log_prob_entropy(sil.feat_a, sil.raw, sil.avail)[0] if cfg.self_imitation > 0 else None
         v, critic_loss = v.float(), None
         if logp is not None:
@@ -751,8 +806,8 @@ class MAPPO(nn.Module):
             pg = ppo_clip_loss(logp, logp_old, adv, cfg.clip)
             return (w * (pg - ent_coef * ent)).mean(), ent.detach()
 
-        def critic_loss(xs, ret, w, onehot=None):
-            v = self.critic.forward_split(xs, dt, onehot)
+        def critic_loss(xs, ret, w, onehot=None, steps=None):
+            v = self.critic.forward_split(xs, dt, onehot, steps)
             return (w * 0.5 * (v - ret) ** 2).mean()
 
         if not sp.compile:
