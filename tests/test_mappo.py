@@ -813,3 +813,28 @@ def test_train_round_with_critic_time_and_self_imitation(fast):
     with torch.no_grad():
         v = algo.critic(x, torch.tensor([1, H, H + 1]))
     assert not torch.allclose(v[0], v[1]) and not torch.allclose(v[1], v[2])
+
+
+def test_critic_time_makes_the_self_imitation_value_term_two_sided():
+    """With ppo.critic_time the real steps' index is trained by nothing but the real returns, so
+    self_imitation_value regresses it both ways (one-sided it would rise to an upper envelope and
+    switch self-imitation off); without critic_time the term still only pulls up."""
+    for timed in (True, False):
+        extra = {"critic_time": True, "bootstrap": False} if timed else {}
+        cfg, model, algo, start = _setup(self_imitation=1.0, self_imitation_value=1.0, critic_lr=1e-3, **extra)
+        post, batch, sil_steps = _frozen_real_steps(model, algo)
+
+        def values():
+            with torch.no_grad():
+                fa, fg = sil_steps.feat_a, sil_steps.feat_g
+                return algo.critic(algo.critic_features(fa, fg), algo.time_index(fa.shape[:-2], None))
+
+        v0 = values()
+        sil_steps.returns = v0 - 2.0  # the critic over-predicts every real return
+        for _ in range(10):
+            algo._self_imitation_step(sil_steps, contextlib.nullcontext, None, {})
+        drop = float((v0 - values()).mean())
+        if timed:
+            assert drop > 0.2
+        else:
+            assert abs(drop) < 1e-6  # no gradient: every gap is clamped at 0 (and the actor step leaves V alone)

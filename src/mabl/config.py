@@ -169,7 +169,10 @@ class PPOConfig:
     # the steps left (0..H) is added to the critic's input layer (zero at start: the paper's critic until
     # it learns otherwise); the replayed real steps of ``self_imitation`` / ``real_value``, whose returns
     # run to the episode's end, get an own index H+1 ("not cut"), so those losses no longer compare a
-    # full return with a cut one. Needs bootstrap=false.
+    # full return with a cut one. Since nothing else trains that index, ``self_imitation_value``'s critic term
+    # is then two-sided, ½ (G_t - V)² (one-sided, V would drift to an upper envelope of the real returns
+    # and self-imitation would switch itself off: measured on SMAX 3m, 0.1% of replayed steps active at
+    # 6k env steps against 25%). Needs bootstrap=false.
     critic_time: bool = False
     updates: int = 4  # Table 3 'Number of updates' (imagination rounds per episode)
     epochs: int = 5  # Table 3 'Epochs per update'

@@ -780,6 +780,8 @@ class MAPPO(nn.Module):
             actor, critic = self_imitation_losses(logp.float(), v, sil.returns, self.adv_scale)
             self._step(self.actor_opt, self.actor, cfg.self_imitation * actor.mean(), guard, "self_imitation_actor_loss")
             if cfg.self_imitation_value > 0:
+                if cfg.critic_time:  # the real index has no imagined target to hold it down: regress both ways
+                    critic = real_value_loss(v, sil.returns)
                 critic_loss = cfg.self_imitation_value * critic.mean()
         if cfg.real_value > 0:
             reg = cfg.real_value * real_value_loss(v, sil.returns).mean()
