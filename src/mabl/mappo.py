@@ -156,13 +156,16 @@ def real_returns(reward: torch.Tensor, cont: torch.Tensor, is_first: torch.Tenso
     return G, acted
 
 
-def self_imitation_losses(logp: torch.Tensor, values: torch.Tensor, returns: torch.Tensor, scale: float):
+def self_imitation_losses(logp: torch.Tensor, values: torch.Tensor, returns: torch.Tensor, scale: float,
+                          two_sided: bool = False):
     """Self-imitation (Oh et al. 2018) on replayed actions, per sample (``ppo.self_imitation``).
 
     Actor: -log π(a_t) * max(G_t - V_t, 0) / scale, the weight held fixed; critic: ½ max(G_t - V_t, 0)²
-    (pulls V up toward returns it under-predicts, never down). Returns ``(actor, critic)``."""
+    (pulls V up toward returns it under-predicts, never down), or with ``two_sided`` (``ppo.critic_time``,
+    whose real-step values nothing else trains) :func:`real_value_loss`. Returns ``(actor, critic)``."""
     gap = (returns - values).clamp_min(0.0)
-    return -logp * (gap.detach() / scale), 0.5 * gap ** 2
+    critic = real_value_loss(values, returns) if two_sided else 0.5 * gap ** 2
+    return -logp * (gap.detach() / scale), critic
 
 
 def real_value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
@@ -476,9 +479,7 @@ class MAPPO(nn.Module):
         self.critic_input = cfg.critic_input if model.bilevel else "agent"
         self.last_disagreement: float | None = None  # ppo.disagreement: the last round's mean ensemble variance
         cin = {"global+agent": model.feat_a + model.feat_g, "global": model.feat_g, "agent": model.feat_a}[self.critic_input]
-        if cfg.critic_time and cfg.bootstrap:
-            raise ConfigError("config key ppo.critic_time=true needs ppo.bootstrap=false")
-        # ppo.critic_time: indices 0..H are imagined steps left, H+1 a real step (return not cut)
+        # ppo.critic_time (config.validate refuses it with bootstrap=true): indices 0..H are imagined steps left, H+1 a real step (return not cut)
         self.critic = AttentionCritic(cin, cfg.hidden, cfg.layers, cfg.attention_heads, cfg.horizon + 2 if cfg.critic_time else 0)
         fused = getattr(model, "speed", PLAIN).fused_adam
         self._foreach_clip = fused
@@ -777,11 +778,9 @@ class MAPPO(nn.Module):
             logp = self.actor.log_prob_entropy(sil.feat_a, sil.raw, sil.avail)[0] if cfg.self_imitation > 0 else None
         v, critic_loss = v.float(), None
         if logp is not None:
-            actor, critic = self_imitation_losses(logp.float(), v, sil.returns, self.adv_scale)
+            actor, critic = self_imitation_losses(logp.float(), v, sil.returns, self.adv_scale, cfg.critic_time)
             self._step(self.actor_opt, self.actor, cfg.self_imitation * actor.mean(), guard, "self_imitation_actor_loss")
             if cfg.self_imitation_value > 0:
-                if cfg.critic_time:  # the real index has no imagined target to hold it down: regress both ways
-                    critic = real_value_loss(v, sil.returns)
                 critic_loss = cfg.self_imitation_value * critic.mean()
         if cfg.real_value > 0:
             reg = cfg.real_value * real_value_loss(v, sil.returns).mean()
