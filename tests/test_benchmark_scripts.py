@@ -451,3 +451,29 @@ def test_latent_ceiling_clones_a_scripted_rule_on_the_actors_own_input(tmp_path,
     assert all(v == pytest.approx(1.0) for g in perfect.values() for v in g.values() if v == v)
     with pytest.raises(SystemExit):
         lc.main([str(run), "--teacher", "random"])
+
+
+def test_summarize_smax_3m_joins_curve_and_seed_block_sections():
+    sm = load_script("summarize_smax_3m")
+    text = "\n".join([
+        "<!-- curve:smax:3m:fast:s1:reward_smooth_l1:reward_global:e01:unimix:prior_h_g:sil1:xyz:start -->",
+        "- command: `python benchmarks/learning_curve.py --seed 1 --run-dir runs/bench/run_a --name curve:smax:3m:fast:s1:...`",
+        "- final checkpoint (50,010 env steps) against the random policy on the same 100 fresh episode seeds (2000003...; 95% intervals):",
+        "  - greedy: return 17.00 [16.00, 18.00], win rate 0.730 [0.64, 0.81]; paired return difference vs random +15.0 [+14.0, +16.0]",
+        "  - sampled: return 15.00 [14.00, 16.00], win rate 0.600 [0.50, 0.69]; paired",
+        "<!-- curve:smax:3m:fast:s1:reward_smooth_l1:reward_global:e01:unimix:prior_h_g:sil1:xyz:end -->",
+        "<!-- diagnosis:smax:3m:eval_seed_blocks:a:start -->",
+        "| policy | eval 0 (1) | eval 1 (2) | final 0 (3) | rest pooled [95%] | block 0 − rest |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| `run_a @ 50,010` | 0.500 | 0.700 | 0.900 | 0.800 [0.70, 0.88] | -0.300 |",
+        "| `run_a best.pt @ 45,000` | 0.600 | 0.600 | 0.600 | 0.600 [0.50, 0.69] | +0.000 |",
+        "| `weakest_sync_team (margin 0.25)` | 0.800 | 0.800 | 0.800 | 0.800 [0.70, 0.88] | +0.000 |",
+        "<!-- diagnosis:smax:3m:eval_seed_blocks:a:end -->",
+    ])
+    tab, rows = sm.table(text)
+    assert len(rows) == 1  # the scripted rule is not a run
+    row = rows[0]
+    assert row["seed"] == 1 and row["held_out"] == 0.73 and row["held_out_ci"] == [0.64, 0.81]
+    assert row["env_steps"] == 50_010 and row["blocks"] == 3 and abs(row["pooled"] - 0.7) < 1e-9
+    assert row["best_steps"] == 45_000 and abs(row["best_pooled"] - 0.6) < 1e-9
+    assert "`fast:…:sil1:xyz`" in tab and "0.73 [0.64, 0.81]" in tab and "0.700 (3 x 40)" in tab
