@@ -101,6 +101,18 @@ def table(text: str) -> tuple[str, list[dict]]:
     return "\n".join(lines), out
 
 
+def span(rows: list[dict]) -> str:
+    """One computed sentence: the range of the pooled win rates and the runs at its top."""
+    pooled = [r for r in rows if "pooled" in r]
+    if not pooled:
+        return "No run has a pooled win rate yet."
+    top = max(pooled, key=lambda r: r["pooled"])
+    reach = sum(r["pooled"] >= 0.8 for r in pooled)
+    return (f"Across the {len(pooled)} runs the pooled win rate of the final checkpoint spans "
+            f"{min(r['pooled'] for r in pooled):.3f}-{top['pooled']:.3f} (highest: `{top['variant'] or top['run']}`); "
+            f"{reach} of them reach 0.80.")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-write", action="store_true")
@@ -118,6 +130,8 @@ def main(argv=None) -> int:
         "episodes in the newer sections); `best.pt` = the checkpoint of the best periodic evaluation on the same blocks.",
         "",
         tab,
+        "",
+        span(rows),
     ])
     if not args.no_write:
         write_section("summary:smax:3m:variants", body)

@@ -477,3 +477,4 @@ def test_summarize_smax_3m_joins_curve_and_seed_block_sections():
     assert row["env_steps"] == 50_010 and row["blocks"] == 3 and abs(row["pooled"] - 0.7) < 1e-9
     assert row["best_steps"] == 45_000 and abs(row["best_pooled"] - 0.6) < 1e-9
     assert "`fast:…:sil1:xyz`" in tab and "0.73 [0.64, 0.81]" in tab and "0.700 (3 x 40)" in tab
+    assert sm.span(rows).startswith("Across the 1 runs") and "0.700-0.700" in sm.span(rows) and "0 of them reach 0.80" in sm.span(rows)
