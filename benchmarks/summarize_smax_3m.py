@@ -57,6 +57,7 @@ def block_rows(secs: list[tuple[str, str]]) -> list[dict]:
     for name, body in secs:
         if not name.startswith("diagnosis:smax:3m:eval_seed_blocks"):
             continue
+        size = re.search(r"blocks of ([0-9]+) episode seeds", body)
         for line in body.splitlines():
             m = re.match(r"\| `([^`@]+?)( best\.pt)? @ ([0-9,]+)` \|(.*)", line)
             if not m:
@@ -65,9 +66,9 @@ def block_rows(secs: list[tuple[str, str]]) -> list[dict]:
             rates = [float(c) for c in cells if NUMBER.fullmatch(c)]
             if not rates:
                 continue
-            rows.append({"section": name, "run": m.group(1).strip(), "best": bool(m.group(2)),
+            rows.append({"run": m.group(1).strip(), "best": bool(m.group(2)),
                          "env_steps": int(m.group(3).replace(",", "")), "blocks": len(rates),
-                         "pooled": sum(rates) / len(rates)})
+                         "block_episodes": int(size.group(1)) if size else None, "pooled": sum(rates) / len(rates)})
     return rows
 
 
@@ -79,12 +80,12 @@ def table(text: str) -> tuple[str, list[dict]]:
     for r in rows:
         c = curves.get(r["run"], {})
         entry = merged.setdefault(r["run"], {"run": r["run"], "variant": c.get("name"), "seed": c.get("seed"),
-                                                  "held_out": c.get("held_out"), "held_out_ci": c.get("held_out_ci"),
-                                                  "held_out_steps": c.get("held_out_steps")})
+                                             "held_out": c.get("held_out"), "held_out_ci": c.get("held_out_ci"),
+                                             "held_out_steps": c.get("held_out_steps")})
         if r["best"]:
             entry["best_pooled"], entry["best_steps"] = r["pooled"], r["env_steps"]
         else:
-            entry["pooled"], entry["env_steps"], entry["blocks"] = r["pooled"], r["env_steps"], r["blocks"]
+            entry.update(pooled=r["pooled"], env_steps=r["env_steps"], blocks=r["blocks"], block_episodes=r["block_episodes"])
     out = list(merged.values())
     lines = ["| variant (curve section) | seed | env steps | held-out 100 greedy [95%] | all seed blocks, pooled | `best.pt` (steps): pooled |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -94,7 +95,7 @@ def table(text: str) -> tuple[str, list[dict]]:
         held = "" if e.get("held_out") is None else f"{e['held_out']:.2f} [{e['held_out_ci'][0]:.2f}, {e['held_out_ci'][1]:.2f}]"
         if e.get("held_out_steps") and e.get("env_steps") and e["held_out_steps"] != e["env_steps"]:
             held += f" (at {e['held_out_steps']:,})"
-        pooled = "" if "pooled" not in e else f"{e['pooled']:.3f} ({e['blocks']} x 40)"
+        pooled = "" if "pooled" not in e else f"{e['pooled']:.3f} ({e['blocks']} x {e['block_episodes'] or '?'})"
         best = "" if "best_pooled" not in e else f"{e['best_pooled']:.3f} ({e['best_steps']:,})"
         steps = f"{e['env_steps']:,}" if e.get("env_steps") else ""
         lines.append(f"| `{short}` | {'' if e['seed'] is None else e['seed']} | {steps} | {held} | {pooled} | {best} |")
@@ -102,7 +103,7 @@ def table(text: str) -> tuple[str, list[dict]]:
 
 
 def span(rows: list[dict]) -> str:
-    """One computed sentence: the range of the pooled win rates and the runs at its top."""
+    """One computed sentence: the range of the pooled win rates and the run at its top."""
     pooled = [r for r in rows if "pooled" in r]
     if not pooled:
         return "No run has a pooled win rate yet."

@@ -463,6 +463,7 @@ def test_summarize_smax_3m_joins_curve_and_seed_block_sections():
         "  - sampled: return 15.00 [14.00, 16.00], win rate 0.600 [0.50, 0.69]; paired",
         "<!-- curve:smax:3m:fast:s1:reward_smooth_l1:reward_global:e01:unimix:prior_h_g:sil1:xyz:end -->",
         "<!-- diagnosis:smax:3m:eval_seed_blocks:a:start -->",
+        "- greedy win rate on blocks of 40 episode seeds (first seed in brackets)",
         "| policy | eval 0 (1) | eval 1 (2) | final 0 (3) | rest pooled [95%] | block 0 − rest |",
         "|---|---:|---:|---:|---:|---:|",
         "| `run_a @ 50,010` | 0.500 | 0.700 | 0.900 | 0.800 [0.70, 0.88] | -0.300 |",
