@@ -541,3 +541,46 @@ def test_obs_norm_standardizes_encoder_input_and_decoder_target():
     pol.obs_norm = None
     feat_manual, _, _ = pol.features(model.norm_obs(obs), carry, deterministic=True)
     assert torch.equal(feat_on, feat_manual)  # execution reads the standardized observation
+
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_norm_standardizes_the_global_posterior_input_and_state_target(fused):
+    """model.state_norm: s_t enters q(z^g | s_t, z^a, h^g) and the state decoder's target standardized by
+    running statistics the learner updates on every replayed batch; with the same weights, the model with
+    the flag on a raw state equals the model without it on the state standardized by hand."""
+    from mabl.learner import MABLLearner
+    from mabl.world_model import gaussian_nll
+
+    cfg = tiny(state_decoder=True, state_norm=True)
+    cfg = replace(cfg, run={"fused_recurrence": fused, "fused_heads": fused, "fused_kl": fused})
+    torch.manual_seed(0)
+    learner = MABLLearner(SPEC, cfg)
+    model = learner.model
+    assert "state_norm.mean" in model.state_dict()
+    assert "state_norm.mean" not in BiLevelWorldModel(SPEC, tiny().model).state_dict()
+    b = batch()
+    b["state"] = b["state"] * 5.0 + 3.0  # far from standardized
+    learner.train_model_step(b)
+    assert float(model.state_norm.count) == b["state"].numel() / SPEC.state_dim
+    assert torch.allclose(model.norm_state(b["state"]).flatten(0, -2).mean(0), torch.zeros(SPEC.state_dim), atol=1e-4)
+
+    off = BiLevelWorldModel(SPEC, replace(cfg, model={"state_norm": False}).model, model.speed)
+    missing, unexpected = off.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"state_norm.mean", "state_norm.var", "state_norm.count"}
+    model.eval(), off.eval()
+    args = (b["prev_action"], b["is_first"])
+    with torch.no_grad():
+        normed = model.norm_state(b["state"])
+        post_on, logits_on, _ = model.observe(b["obs"], b["state"], *args, sample=False)
+        _, logits_hand, _ = off.observe(b["obs"], normed, *args, sample=False)
+        _, logits_raw, _ = off.observe(b["obs"], b["state"], *args, sample=False)
+        assert torch.allclose(logits_on["post_g"], logits_hand["post_g"], atol=1e-5)
+        assert not torch.allclose(logits_on["post_g"], logits_raw["post_g"], atol=1e-3)
+        assert torch.equal(logits_on["post_a"], logits_raw["post_a"])  # the agent level never reads s_t
+        _, terms, post = model.loss(b)
+        _, fg = model.features(post)
+        expected = gaussian_nll(model.state_decoder(fg).float(), normed.unsqueeze(-2)).mean()
+        raw = gaussian_nll(model.state_decoder(fg).float(), b["state"].unsqueeze(-2)).mean()
+        assert torch.allclose(terms["state"].float(), expected, rtol=1e-3)  # the standardized target ...
+        assert not torch.allclose(terms["state"].float(), raw, rtol=0.1)  # ... not the raw one

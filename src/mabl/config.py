@@ -77,6 +77,12 @@ class WorldModelConfig:
     # statistics are model buffers (checkpointed, used unchanged by decentralized execution).
     obs_norm: bool = False
     obs_norm_window: int = 100_000
+    # Extension, not in the paper (False = the paper): the same running standardization (window
+    # obs_norm_window) for the global state s_t, where it enters the global posterior q(z^g | s_t, z^a, h^g)
+    # and as the target of the optional state decoder. SMAX's state is unnormalised (positions 0..32,
+    # cooldowns in seconds, type ids); the adapter's fixed scaling (env option normalize_state) is the
+    # other way. Training-time only: decentralized execution never reads s_t.
+    state_norm: bool = False
     # Extension, not in the paper ("sample" = the paper): how imagination (§3.3) draws the latents ẑ^g, ẑ^a
     # from the priors. "mode" takes each categorical's most likely class, so imagined futures do not
     # diffuse under 32 independent draws per step. On a near-deterministic task the sampled rollouts

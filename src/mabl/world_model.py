@@ -166,6 +166,8 @@ class BiLevelWorldModel(nn.Module):
         prior_in = [D, S] if self.bilevel else [D]
         self.agent_prior = nn.Sequential(SplitLinear(prior_in, H), nn.ReLU(), nn.Linear(H, S))  # p(ẑ^a|h^a,ẑ^g)
         if self.bilevel:
+            # model.state_norm (extension): per-feature standardization of s_t (no buffers when off)
+            self.state_norm = ObsNorm(spec.state_dim, cfg.obs_norm_window) if cfg.state_norm else None
             self.state_encoder = mlp(spec.state_dim, H, L, E)
             self.global_in = SplitLinear([S, n * a], H)  # f^g input: (z^g_{t-1}, joint action)
             self.global_gru = GRUCell(H, D)
@@ -241,6 +243,11 @@ class BiLevelWorldModel(nn.Module):
         """o^i as the encoder reads it and the decoder predicts it (``model.obs_norm``; else unchanged)."""
         return obs if self.obs_norm is None else self.obs_norm(obs)
 
+    def norm_state(self, state: torch.Tensor) -> torch.Tensor:
+        """s_t as the global posterior reads it and the state decoder predicts it (``model.state_norm``)."""
+        norm = getattr(self, "state_norm", None)
+        return state if norm is None else norm(state)
+
     def decode_obs(self, fa: torch.Tensor) -> torch.Tensor:
         """The observation decoded from agent features (z^a, h^a), in the environment's units, fp32."""
         out = self.obs_decoder(fa).float()
@@ -258,6 +265,8 @@ class BiLevelWorldModel(nn.Module):
         that ``prior_a`` is conditioned on), and the final carry.
         """
         obs = self.norm_obs(obs)
+        if self.bilevel:
+            state = self.norm_state(state)
         if self.speed.fused_recurrence:
             return self._observe_fused(obs, state, prev_action, is_first, carry, sample)
         T, B = obs.shape[:2]
@@ -454,7 +463,7 @@ class BiLevelWorldModel(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         terms["obs"] = self._recon(self.obs_decoder(fa), self.norm_obs(batch["obs"]))
         if self.state_decoder is not None:
-            terms["state"] = cfg.state_scale * self._recon(self.state_decoder(fg), batch["state"].unsqueeze(-2))
+            terms["state"] = cfg.state_scale * self._recon(self.state_decoder(fg), self.norm_state(batch["state"]).unsqueeze(-2))
         terms["kl_a"] = cfg.kl_scale * kl_balanced(logits["post_a"], logits["prior_a"], self.n_cat, cfg.kl_balance).mean()
         if self.bilevel:
             terms["kl_g"] = cfg.kl_scale * kl_balanced(logits["post_g"], logits["prior_g"], self.n_cat, cfg.kl_balance).mean()
@@ -728,7 +737,7 @@ class BiLevelWorldModel(nn.Module):
                     act_pred = self.action_decoder(both[:-1])
             terms["obs"] = self._recon(obs_pred, self.norm_obs(batch["obs"]))
             if state_pred is not None:
-                terms["state"] = cfg.state_scale * self._recon(state_pred, batch["state"].unsqueeze(-2))
+                terms["state"] = cfg.state_scale * self._recon(state_pred, self.norm_state(batch["state"]).unsqueeze(-2))
             kls = {}
             for lvl in ("a", "g") if self.bilevel else ("a",):
                 post_l, prior_l = logits[f"post_{lvl}"], logits[f"prior_{lvl}"]
