@@ -81,7 +81,9 @@ class WorldModelConfig:
     # obs_norm_window) for the global state s_t, where it enters the global posterior q(z^g | s_t, z^a, h^g)
     # and as the target of the optional state decoder. SMAX's state is unnormalised (positions 0..32,
     # cooldowns in seconds, type ids); the adapter's fixed scaling (env option normalize_state) is the
-    # other way. Training-time only: decentralized execution never reads s_t.
+    # other way. Training-time only: decentralized execution never reads s_t. Measured on SMAX 3m (best
+    # configuration, seeds 0/1, "...:obs_norm:state_norm" sections): held-out 0.66/0.66, pooled 360-episode
+    # win rate 0.681/0.711 against 0.683/0.708 without; the global-level KL stays ~2 nats. No lift.
     state_norm: bool = False
     # Extension, not in the paper ("sample" = the paper): how imagination (§3.3) draws the latents ẑ^g, ẑ^a
     # from the priors. "mode" takes each categorical's most likely class, so imagined futures do not
