@@ -6,6 +6,7 @@ ENV ?= smax:3m
 PRESET ?= fast
 STEPS ?= 50000
 SEED ?= 0
+CONFIG ?=
 
 .PHONY: setup train test bench clean
 
@@ -18,7 +19,7 @@ $(BIN)/mabl: pyproject.toml
 setup: $(BIN)/mabl
 
 train: setup
-	$(BIN)/mabl train --env $(ENV) --preset $(PRESET) --steps $(STEPS) --seed $(SEED)
+	$(BIN)/mabl train --env $(ENV) --preset $(PRESET) --steps $(STEPS) --seed $(SEED) $(if $(CONFIG),--config $(CONFIG))
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -337,3 +337,26 @@ def test_policy_ema_resumes_exactly(tmp_path):
     assert (tmp_path / "a" / "run" / "eval.csv").read_text().splitlines()[1:] != []
     rows = lambda p: [r.split(",", 2)[::2] for r in (p / "run" / "eval.csv").read_text().splitlines()]  # noqa: E731
     assert rows(tmp_path / "a") == rows(tmp_path / "b")  # every column but wall_s
+
+
+def test_best_smax_3m_config_file_is_the_benchmarked_configuration(capsys):
+    """configs/smax_3m_best.json resolves to exactly the --set flags of the best SMAX 3m sections of
+    BENCHMARKS.md (`...:sil1:value05:obs_norm`), and nothing else differs from the fast preset."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    flags = ["model.reward_loss=smooth_l1", "model.reward_input=agent+global", "ppo.entropy=0.01",
+             "model.unimix=0.01", "model.agent_prior_input=zhat_g+h_g", "ppo.self_imitation=1.0",
+             "ppo.self_imitation_value=0.5", "model.obs_norm=true"]
+    assert main(["config", "--env", "smax:3m", "--config", str(root / "configs" / "smax_3m_best.json")]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    argv = ["config", "--env", "smax:3m", "--preset", "fast"]
+    for f in flags:
+        argv += ["--set", f]
+    assert main(argv) == 0
+    from_flags = json.loads(capsys.readouterr().out)
+    assert from_file == from_flags
+    assert main(["config", "--env", "smax:3m", "--preset", "fast"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    changed = {f"{s}.{k}" for s in ("model", "ppo", "run") for k in plain[s] if plain[s][k] != from_file[s][k]}
+    assert changed == {f.split("=")[0] for f in flags}
