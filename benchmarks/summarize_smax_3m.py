@@ -102,6 +102,31 @@ def table(text: str) -> tuple[str, list[dict]]:
     return "\n".join(lines), out
 
 
+def seed_means(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Variants measured on two or more seeds: mean held-out and mean pooled win rate over their seeds
+    (a variant = its curve section's name without the seed), as a Markdown table and as rows."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("variant") and "pooled" in r:
+            groups.setdefault(re.sub(r":s[0-9]+:", ":sN:", r["variant"], count=1), []).append(r)
+    out = []
+    for name, rs in groups.items():
+        seeds = sorted({r["seed"] for r in rs if r["seed"] is not None})
+        if len(seeds) < 2:
+            continue
+        held = [r["held_out"] for r in rs if r.get("held_out") is not None]
+        out.append({"variant": name, "seeds": seeds, "runs": len(rs), "pooled_mean": sum(r["pooled"] for r in rs) / len(rs),
+                    "pooled_min": min(r["pooled"] for r in rs), "pooled_max": max(r["pooled"] for r in rs),
+                    "held_out_mean": sum(held) / len(held) if held else None})
+    lines = ["| variant | seeds | held-out 100, mean | pooled, mean (min-max) |", "|---|---|---:|---:|"]
+    for e in out:
+        short = re.sub(r"^curve:smax:3m:(fast|paper):sN:?", lambda m: f"{m.group(1)}:", e["variant"]).replace(COMMON, "…:")
+        held = "" if e["held_out_mean"] is None else f"{e['held_out_mean']:.3f}"
+        lines.append(f"| `{short}` | {', '.join(map(str, e['seeds']))} | {held} | "
+                     f"{e['pooled_mean']:.3f} ({e['pooled_min']:.3f}-{e['pooled_max']:.3f}) |")
+    return "\n".join(lines), out
+
+
 def span(rows: list[dict]) -> str:
     """One computed sentence: the range of the pooled win rates and the run at its top."""
     pooled = [r for r in rows if "pooled" in r]
@@ -120,6 +145,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     text = (ROOT / "BENCHMARKS.md").read_text()
     tab, rows = table(text)
+    means_tab, means = seed_means(rows)
     body = "\n".join([
         "### SMAX 3m: every measured variant in one table (`summary:smax:3m:variants`)",
         "",
@@ -133,11 +159,15 @@ def main(argv=None) -> int:
         tab,
         "",
         span(rows),
+        "",
+        "Variants measured on two or more seeds (final checkpoints; the same columns, averaged over the seeds):",
+        "",
+        means_tab,
     ])
     if not args.no_write:
         write_section("summary:smax:3m:variants", body)
     print(body)
-    print(json.dumps({"rows": rows}))
+    print(json.dumps({"rows": rows, "seed_means": means}))
     return 0
 
 

@@ -479,3 +479,10 @@ def test_summarize_smax_3m_joins_curve_and_seed_block_sections():
     assert row["best_steps"] == 45_000 and abs(row["best_pooled"] - 0.6) < 1e-9
     assert "`fast:…:sil1:xyz`" in tab and "0.73 [0.64, 0.81]" in tab and "0.700 (3 x 40)" in tab
     assert sm.span(rows).startswith("Across the 1 runs") and "0.700-0.700" in sm.span(rows) and "0 of them reach 0.80" in sm.span(rows)
+    assert sm.seed_means(rows)[1] == []  # one seed: no mean
+    other = dict(row, run="run_b", seed=2, pooled=0.6, held_out=0.5,
+                 variant=row["variant"].replace(":s1:", ":s2:"))
+    means_tab, means = sm.seed_means(rows + [other])
+    assert len(means) == 1 and means[0]["seeds"] == [1, 2] and means[0]["runs"] == 2
+    assert abs(means[0]["pooled_mean"] - 0.65) < 1e-9 and abs(means[0]["held_out_mean"] - 0.615) < 1e-9
+    assert "`fast:…:sil1:xyz` | 1, 2 | 0.615 | 0.650 (0.600-0.700) |" in means_tab
