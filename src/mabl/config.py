@@ -73,7 +73,8 @@ class WorldModelConfig:
     # variance over the last ~obs_norm_window observations, std floored at 0.05). SMAX's relative positions
     # vary 3-25x less than health, so an unweighted reconstruction loss all but ignores them. Measured on
     # SMAX 3m (BENCHMARKS.md, "diagnosis:smax:3m:latent_ceiling:*"): position R² 0.38-0.67 -> 0.87-0.96;
-    # held-out win rate at 50k env steps, seeds 0/1/2: 0.78/0.77/0.70 (without: 0.76/0.57/0.60). The
+    # held-out win rate at 50k env steps, seeds 0/1/2: 0.78/0.77/0.70 (without: 0.76/0.57/0.60; seeds 3/4
+    # with it: 0.63/0.68, so 0.71 over five seeds, 0.68 pooled over 360 episodes each). The
     # statistics are model buffers (checkpointed, used unchanged by decentralized execution).
     obs_norm: bool = False
     obs_norm_window: int = 100_000
