@@ -559,6 +559,8 @@ def test_state_norm_standardizes_the_global_posterior_input_and_state_target(fus
     model = learner.model
     assert "state_norm.mean" in model.state_dict()
     assert "state_norm.mean" not in BiLevelWorldModel(SPEC, tiny().model).state_dict()
+    with pytest.raises(ConfigError, match="model.state_norm needs model.bilevel"):
+        tiny(state_norm=True, bilevel=False)
     b = batch()
     b["state"] = b["state"] * 5.0 + 3.0  # far from standardized
     learner.train_model_step(b)

@@ -503,6 +503,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"ppo.hidden ({cfg.ppo.hidden}) must be divisible by ppo.attention_heads ({cfg.ppo.attention_heads})")
     if cfg.model.state_decoder and not cfg.model.bilevel:
         raise ConfigError("model.state_decoder needs model.bilevel=true (it decodes s_t from the global level)")
+    if cfg.model.state_norm and not cfg.model.bilevel:
+        raise ConfigError("model.state_norm needs model.bilevel=true (only the global level reads s_t)")
     if cfg.model.reward_input == "agent+global" and not cfg.model.bilevel:
         raise ConfigError("model.reward_input='agent+global' needs model.bilevel=true (there is no global level without it)")
     if cfg.model.agent_prior_input == "zhat_g+h_g" and not cfg.model.bilevel:

@@ -97,7 +97,7 @@ class MABLLearner:
         self.model.train()
         if self.model.obs_norm is not None:  # model.obs_norm: the running statistics see every replayed batch
             self.model.obs_norm.update(batch["obs"])
-        if getattr(self.model, "state_norm", None) is not None:  # model.state_norm: likewise for s_t
+        if self.model.state_norm is not None:  # model.state_norm: likewise for s_t
             self.model.state_norm.update(batch["state"])
         with self.autocast():
             loss, metrics, _ = self.model.loss(batch)

@@ -165,9 +165,9 @@ class BiLevelWorldModel(nn.Module):
         self.agent_post = nn.Sequential(SplitLinear([D, E], H), nn.ReLU(), nn.Linear(H, S))  # q(z^a|h^a,o)
         prior_in = [D, S] if self.bilevel else [D]
         self.agent_prior = nn.Sequential(SplitLinear(prior_in, H), nn.ReLU(), nn.Linear(H, S))  # p(ẑ^a|h^a,ẑ^g)
+        # model.state_norm (extension): per-feature standardization of s_t (no buffers when off)
+        self.state_norm = ObsNorm(spec.state_dim, cfg.obs_norm_window) if cfg.state_norm and self.bilevel else None
         if self.bilevel:
-            # model.state_norm (extension): per-feature standardization of s_t (no buffers when off)
-            self.state_norm = ObsNorm(spec.state_dim, cfg.obs_norm_window) if cfg.state_norm else None
             self.state_encoder = mlp(spec.state_dim, H, L, E)
             self.global_in = SplitLinear([S, n * a], H)  # f^g input: (z^g_{t-1}, joint action)
             self.global_gru = GRUCell(H, D)
@@ -245,8 +245,7 @@ class BiLevelWorldModel(nn.Module):
 
     def norm_state(self, state: torch.Tensor) -> torch.Tensor:
         """s_t as the global posterior reads it and the state decoder predicts it (``model.state_norm``)."""
-        norm = getattr(self, "state_norm", None)
-        return state if norm is None else norm(state)
+        return state if self.state_norm is None else self.state_norm(state)
 
     def decode_obs(self, fa: torch.Tensor) -> torch.Tensor:
         """The observation decoded from agent features (z^a, h^a), in the environment's units, fp32."""
@@ -264,9 +263,7 @@ class BiLevelWorldModel(nn.Module):
         ``priors['prior_a' / 'prior_g']`` (and in ``priors['zhat_g']`` the sample ẑ^g of the global prior
         that ``prior_a`` is conditioned on), and the final carry.
         """
-        obs = self.norm_obs(obs)
-        if self.bilevel:
-            state = self.norm_state(state)
+        obs, state = self.norm_obs(obs), self.norm_state(state)
         if self.speed.fused_recurrence:
             return self._observe_fused(obs, state, prev_action, is_first, carry, sample)
         T, B = obs.shape[:2]
