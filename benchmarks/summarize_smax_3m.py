@@ -27,6 +27,11 @@ NUMBER = re.compile(r"[0-9]+\.[0-9]+")
 COMMON = "reward_smooth_l1:reward_global:e01:unimix:prior_h_g:"
 
 
+def short_name(variant: str) -> str:
+    """A curve section's name as the tables print it: no ``curve:smax:3m:`` and seed, ``…:`` for COMMON."""
+    return re.sub(r"^curve:smax:3m:(fast|paper):s([0-9]+|N):?", lambda m: f"{m.group(1)}:", variant).replace(COMMON, "…:")
+
+
 def sections(text: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in SECTION.finditer(text)]
 
@@ -91,7 +96,7 @@ def table(text: str) -> tuple[str, list[dict]]:
              "|---|---:|---:|---:|---:|---:|"]
     for e in out:
         variant = e["variant"] or f"(run `{e['run']}`)"
-        short = re.sub(r"^curve:smax:3m:(fast|paper):s[0-9]+:?", lambda m: f"{m.group(1)}:", variant).replace(COMMON, "…:")
+        short = short_name(variant)
         held = "" if e.get("held_out") is None else f"{e['held_out']:.2f} [{e['held_out_ci'][0]:.2f}, {e['held_out_ci'][1]:.2f}]"
         if e.get("held_out_steps") and e.get("env_steps") and e["held_out_steps"] != e["env_steps"]:
             held += f" (at {e['held_out_steps']:,})"
@@ -108,7 +113,7 @@ def seed_means(rows: list[dict]) -> tuple[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("variant") and "pooled" in r:
-            groups.setdefault(re.sub(r":s[0-9]+:", ":sN:", r["variant"], count=1), []).append(r)
+            groups.setdefault(re.sub(r":s[0-9]+(:|$)", r":sN\1", r["variant"], count=1), []).append(r)
     out = []
     for name, rs in groups.items():
         seeds = sorted({r["seed"] for r in rs if r["seed"] is not None})
@@ -120,7 +125,7 @@ def seed_means(rows: list[dict]) -> tuple[str, list[dict]]:
                     "held_out_mean": sum(held) / len(held) if held else None})
     lines = ["| variant | seeds | held-out 100, mean | pooled, mean (min-max) |", "|---|---|---:|---:|"]
     for e in out:
-        short = re.sub(r"^curve:smax:3m:(fast|paper):sN:?", lambda m: f"{m.group(1)}:", e["variant"]).replace(COMMON, "…:")
+        short = short_name(e["variant"])
         held = "" if e["held_out_mean"] is None else f"{e['held_out_mean']:.3f}"
         lines.append(f"| `{short}` | {', '.join(map(str, e['seeds']))} | {held} | "
                      f"{e['pooled_mean']:.3f} ({e['pooled_min']:.3f}-{e['pooled_max']:.3f}) |")
