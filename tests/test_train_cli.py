@@ -341,13 +341,13 @@ def test_policy_ema_resumes_exactly(tmp_path):
 
 def test_best_smax_3m_config_file_is_the_benchmarked_configuration(capsys):
     """configs/smax_3m_best.json resolves to exactly the --set flags of the best SMAX 3m sections of
-    BENCHMARKS.md (`...:sil1:value05:obs_norm`), and nothing else differs from the fast preset."""
+    BENCHMARKS.md (`...:sil1:value05:obs_norm:model_batch40`), and nothing else differs from the fast preset."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     flags = ["model.reward_loss=smooth_l1", "model.reward_input=agent+global", "ppo.entropy=0.01",
              "model.unimix=0.01", "model.agent_prior_input=zhat_g+h_g", "ppo.self_imitation=1.0",
-             "ppo.self_imitation_value=0.5", "model.obs_norm=true"]
+             "ppo.self_imitation_value=0.5", "model.obs_norm=true", "model.batch_size=40"]
     assert main(["config", "--env", "smax:3m", "--config", str(root / "configs" / "smax_3m_best.json")]) == 0
     from_file = json.loads(capsys.readouterr().out)
     argv = ["config", "--env", "smax:3m", "--preset", "fast"]
